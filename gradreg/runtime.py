@@ -1,0 +1,115 @@
+"""One call that every chapter makes: seeds, device, plot style and the fast/full switch.
+
+The book has one documented switch, the environment variable ``GRADREG_FULL``:
+
+* unset (default): full-size experiments when a CUDA GPU is present, the fast CPU size otherwise;
+* ``GRADREG_FULL=1``: full size even on a CPU (slow);
+* ``GRADREG_FULL=0``: fast size even on a GPU (what CI and the committed notebooks use).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+FULL_ENV = "GRADREG_FULL"
+CACHE_ENV = "GRADREG_CACHE"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+T = TypeVar("T")
+
+
+def full_size() -> bool:
+    """Whether experiments run at full size: ``GRADREG_FULL`` if set, else whether CUDA is available."""
+    value = os.environ.get(FULL_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    if value:
+        raise ValueError(f"{FULL_ENV} must be one of 1/true/yes/on or 0/false/no/off, got {value!r}")
+    return torch.cuda.is_available()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and all CUDA devices) random number generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a chapter runs with; ``size(fast, full)`` picks a value for the current size."""
+
+    device: torch.device
+    full: bool
+    seed: int
+
+    def size(self, fast: T, full: T) -> T:
+        """Return ``full`` in full-size mode and ``fast`` otherwise."""
+        return full if self.full else fast
+
+    def __repr__(self) -> str:
+        from gradreg import __version__
+
+        mode = "full" if self.full else "fast"
+        return (
+            f"Setup(device='{self.device}', size='{mode}', seed={self.seed}, "
+            f"gradreg={__version__}, torch={torch.__version__})"
+        )
+
+
+def setup(seed: int = 0, *, style: bool = True) -> Setup:
+    """Seed everything, pick the device (CUDA when available), set the plot style, read the size switch."""
+    seed_everything(seed)
+    if style:
+        from gradreg.plotting import use_style
+
+        use_style()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Setup(device=device, full=full_size(), seed=seed)
+
+
+def progress(iterable: Iterable[T], *, enabled: bool | None = None, **kwargs: Any) -> Iterable[T]:
+    """A tqdm progress bar, shown in full-size mode only (fast runs take seconds and keep outputs stable)."""
+    from tqdm.auto import tqdm
+
+    show = full_size() if enabled is None else enabled
+    return tqdm(iterable, disable=not show, **kwargs)
+
+
+def cache_dir() -> Path:
+    """Where long runs keep their results: ``GRADREG_CACHE``, else ``~/.cache/gradreg``."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "gradreg"))
+
+
+def cached(name: str, config: dict[str, Any], compute: Callable[[], T]) -> T:
+    """Return ``compute()``, stored on disk under a key made of ``name``, ``config`` and the gradreg version.
+
+    ``config`` must be JSON-serialisable and hold everything the result depends on; the result is saved with
+    ``torch.save`` (tensors, arrays, numbers, lists and dicts). Delete the cache directory to recompute.
+    """
+    from gradreg import __version__
+
+    key = json.dumps({"name": name, "config": config, "version": __version__}, sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = cache_dir() / f"{name}-{digest}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(result, tmp)
+    tmp.replace(path)
+    return result
