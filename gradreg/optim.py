@@ -70,6 +70,32 @@ class GR(Optimizer):
         self.skipped_steps = 0
         super().__init__(base_optimizer.param_groups, {"gamma": gamma, "eps": eps})
 
+    # The ascent–descent family as configurations of the one engine (Chapter 4).
+    @classmethod
+    def sam(cls, base_optimizer: Optimizer, rho: float, **kwargs: Any) -> GR:
+        """SAM (Foret et al. 2021): d = ∇L(θ + ρ g/‖g‖). F-GR with a normalized step and γ = ε = ρ."""
+        return cls(base_optimizer, gamma=rho, eps=rho, method="forward", perturbation="normalized", **kwargs)
+
+    @classmethod
+    def usam(cls, base_optimizer: Optimizer, rho: float, **kwargs: Any) -> GR:
+        """Unnormalized SAM: d = ∇L(θ + ρ g). Exactly F-GR with γ = ε = ρ."""
+        return cls(base_optimizer, gamma=rho, eps=rho, method="forward", perturbation="raw", **kwargs)
+
+    @classmethod
+    def gnp(cls, base_optimizer: Optimizer, lam: float, r: float, **kwargs: Any) -> GR:
+        """GNP (Zhao et al. 2022), penalty λ‖∇L‖: d = (1 − λ/r) g + (λ/r) ∇L(θ + r g/‖g‖); SAM is λ = r."""
+        return cls(base_optimizer, gamma=lam, eps=r, method="forward", perturbation="normalized", **kwargs)
+
+    @classmethod
+    def asam(cls, base_optimizer: Optimizer, rho: float, eta: float = 0.01, **kwargs: Any) -> GR:
+        """ASAM (Kwon et al. 2021): d = ∇L(θ + ρ T²g/‖Tg‖), T = |θ| + η on weights with ndim ≥ 2, 1 elsewhere.
+
+        The official code scales parameters whose name contains "weight" (so BatchNorm scales too); an optimizer
+        sees no names, so here matrices and kernels get T = |θ| + η and vectors (biases, norm scales) T = 1.
+        """
+        return cls(base_optimizer, gamma=rho, eps=rho, method="forward", perturbation="adaptive",
+                   adaptive_eta=eta, **kwargs)
+
     # The groups and the state live in the base optimizer: no copies that could drift apart.
     @property  # type: ignore[override]
     def param_groups(self) -> list[dict[str, Any]]:
