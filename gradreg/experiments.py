@@ -86,3 +86,36 @@ def train_classifier(
         if step % eval_every == 0 or step == steps:
             record(step)
     return history
+
+
+def compare_methods(
+    data: Dataset,
+    make_model: Callable[[], nn.Module],
+    *,
+    methods: list[str],
+    seeds: list[int],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    gamma: float = 0.0,
+    eps: float | None = None,
+    eval_every: int = 100,
+) -> dict[str, list[History]]:
+    """Train a fresh model per method and seed with SGD (momentum) wrapped in GR; ``"sgd"`` is the plain base.
+
+    Seed ``s`` fixes both the initialization (``torch.manual_seed(s)`` before ``make_model()``) and the batch
+    order, so the methods differ only in their update direction.
+    """
+    histories: dict[str, list[History]] = {}
+    for method in methods:
+        for seed in seeds:
+            torch.manual_seed(seed)
+            model = make_model().to(data.x.device)
+            base = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+            optimizer = base if method == "sgd" else GR(base, gamma=gamma, eps=eps, method=method)
+            histories.setdefault(method, []).append(train_classifier(
+                model, optimizer, data, steps=steps, batch_size=batch_size, eval_every=eval_every, seed=seed,
+                desc=f"{method} seed {seed}",
+            ))
+    return histories

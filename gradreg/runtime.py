@@ -83,10 +83,12 @@ def setup(seed: int = 0, *, style: bool = True) -> Setup:
 
 def progress(iterable: Iterable[T], *, enabled: bool | None = None, **kwargs: Any) -> Iterable[T]:
     """A tqdm progress bar, shown in full-size mode only (fast runs take seconds and keep outputs stable)."""
+    show = full_size() if enabled is None else enabled
+    if not show:
+        return iterable
     from tqdm.auto import tqdm
 
-    show = full_size() if enabled is None else enabled
-    return tqdm(iterable, disable=not show, **kwargs)
+    return tqdm(iterable, **kwargs)
 
 
 def cache_dir() -> Path:
@@ -94,15 +96,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "gradreg"))
 
 
-def cached(name: str, config: dict[str, Any], compute: Callable[[], T]) -> T:
-    """Return ``compute()``, stored on disk under a key made of ``name``, ``config`` and the gradreg version.
+def package_fingerprint() -> str:
+    """A hash of gradreg's source files and torch's version: cached results die with any change to the code."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
-    ``config`` must be JSON-serialisable and hold everything the result depends on; the result is saved with
-    ``torch.save`` (tensors, arrays, numbers, lists and dicts). Delete the cache directory to recompute.
+
+def cached(name: str, config: dict[str, Any], compute: Callable[[], T], *, enabled: bool | None = None) -> T:
+    """Return ``compute()``, stored on disk under a key made of ``name``, ``config`` and the package's code.
+
+    Caching is on in full-size mode only (``enabled=None``): fast runs take seconds, and recomputing them keeps
+    CI honest.
+    ``config`` must be JSON-serialisable and hold everything the result depends on besides gradreg's own code
+    (which :func:`package_fingerprint` covers); the result is saved with ``torch.save`` (tensors, arrays,
+    numbers, lists, dicts, dataclasses). Delete the cache directory (:func:`cache_dir`) to recompute.
     """
-    from gradreg import __version__
-
-    key = json.dumps({"name": name, "config": config, "version": __version__}, sort_keys=True, default=str)
+    if not (full_size() if enabled is None else enabled):
+        return compute()
+    key = json.dumps({"name": name, "config": config, "code": package_fingerprint()}, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / f"{name}-{digest}.pt"
     if path.exists():

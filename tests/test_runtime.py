@@ -1,0 +1,62 @@
+"""The chapter runtime: the size switch, seeding, and the result cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradreg as gr
+from gradreg import runtime
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("true", True), ("0", False), ("off", False)])
+def test_size_switch_reads_gradreg_full(monkeypatch, value, expected):
+    monkeypatch.setenv("GRADREG_FULL", value)
+    assert runtime.full_size() is expected
+    assert gr.setup(seed=0, style=False).size("fast", "full") == ("full" if expected else "fast")
+
+
+def test_size_switch_defaults_to_cuda_availability_and_rejects_garbage(monkeypatch):
+    monkeypatch.delenv("GRADREG_FULL", raising=False)
+    assert runtime.full_size() is torch.cuda.is_available()
+    monkeypatch.setenv("GRADREG_FULL", "maybe")
+    with pytest.raises(ValueError, match="GRADREG_FULL must be one of"):
+        runtime.full_size()
+
+
+def test_setup_seeds_torch():
+    gr.setup(seed=3, style=False)
+    first = torch.rand(3)
+    gr.setup(seed=3, style=False)
+    assert torch.equal(first, torch.rand(3))
+
+
+def test_cache_stores_in_full_mode_and_recomputes_in_fast_mode(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRADREG_CACHE", str(tmp_path))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": torch.arange(3)}
+
+    monkeypatch.setenv("GRADREG_FULL", "1")
+    first = runtime.cached("demo", {"a": 1}, compute)
+    again = runtime.cached("demo", {"a": 1}, compute)
+    assert len(calls) == 1 and torch.equal(first["value"], again["value"])
+    runtime.cached("demo", {"a": 2}, compute)  # another config is another entry
+    assert len(calls) == 2
+    monkeypatch.setenv("GRADREG_FULL", "0")
+    runtime.cached("demo", {"a": 1}, compute)
+    assert len(calls) == 3
+
+
+def test_double_backprop_graph_figure_counts_3l_minus_1_products():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for depth in [1, 2, 3, 5]:
+        fig, ax = plt.subplots()
+        assert gr.plotting.draw_double_backprop_graph(ax, depth) == 3 * depth - 1
+        plt.close(fig)
