@@ -1,0 +1,121 @@
+"""Hessian-vector products and power iteration against the full Hessian (torch.func.hessian + eigvalsh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+from gradreg.hessian import hvp, same_function, top_eigenvalue
+
+
+def _tiny(seed: int = 0):
+    """A smooth 26-parameter MLP with a cross-entropy loss on a fixed batch, in float64."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (16,), generator=g)
+    return model, x, y
+
+
+def _full_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The p×p Hessian of the loss in the flattened parameters, by torch.func (independent of gradreg)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        chunks = torch.split(theta, sizes)
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    return hessian(loss)(flat)
+
+
+def test_hvp_matches_the_full_hessian():
+    model, x, y = _tiny()
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(3)
+    v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    got = torch.cat([h.reshape(-1) for h in hvp(lambda: nn.functional.cross_entropy(model(x), y), params, v)])
+    expected = _full_hessian(model, x, y) @ torch.cat([u.reshape(-1) for u in v])
+    assert float((got - expected).norm() / expected.norm()) <= 1e-12
+
+
+def test_hvp_gives_zeros_for_unused_parameters_and_checks_lengths():
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    unused = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    ones = [torch.ones(2, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    out = hvp(lambda: (a**3).sum(), [a, unused], ones)
+    assert torch.equal(out[0], 6 * a.detach()) and torch.equal(out[1], torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one tensor per parameter"):
+        hvp(lambda: (a**3).sum(), [a], [])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_top_eigenvalue_matches_eigvalsh_of_the_full_hessian(seed):
+    model, x, y = _tiny(seed)
+    eigenvalues = torch.linalg.eigvalsh(_full_hessian(model, x, y))
+    by_magnitude = eigenvalues[eigenvalues.abs().argsort(descending=True)]
+    assert abs(by_magnitude[1] / by_magnitude[0]) < 0.95  # a gap, so the test is not about slow convergence
+    top = top_eigenvalue(lambda: nn.functional.cross_entropy(model(x), y), list(model.parameters()),
+                         iters=5000, tol=1e-13, seed=seed)
+    assert top.converged
+    assert abs(top.value - float(by_magnitude[0])) <= 1e-6 * abs(float(by_magnitude[0]))
+    # the returned vector is a unit eigenvector: H v = λ v
+    v = torch.cat([u.reshape(-1) for u in top.vector])
+    assert abs(float(v.norm()) - 1) < 1e-12
+    residual = _full_hessian(model, x, y) @ v - top.value * v
+    assert float(residual.norm()) <= 1e-5 * abs(top.value)
+
+
+def test_top_eigenvalue_returns_the_largest_magnitude_with_its_sign():
+    """On L = ½ θᵀAθ with eigenvalues (−5, 3, 1) power iteration finds −5, not the largest eigenvalue 3."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor([-5.0, 3.0, 1.0], dtype=torch.float64)) @ q.T
+    theta = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    top = top_eigenvalue(lambda: 0.5 * theta @ a @ theta, [theta], iters=500, tol=1e-14)
+    assert top.converged and abs(top.value + 5.0) < 1e-10
+
+
+def test_warm_start_converges_at_once():
+    model, x, y = _tiny()
+    closure, params = (lambda: nn.functional.cross_entropy(model(x), y)), list(model.parameters())
+    first = top_eigenvalue(closure, params, iters=5000, tol=1e-13)
+    again = top_eigenvalue(closure, params, iters=5000, tol=1e-10, v0=first.vector)
+    assert again.iterations <= 2 and abs(again.value - first.value) <= 1e-10 * abs(first.value)
+
+
+def test_training_mode_model_is_measured_as_one_function_and_left_untouched():
+    """Dropout masks are replayed in every product; BatchNorm running statistics and the RNG are unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    model.train()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,))
+    closure, params = (lambda: nn.functional.cross_entropy(model(x), y)), list(model.parameters())
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    rng = torch.get_rng_state()
+    first = top_eigenvalue(closure, params, iters=50, tol=0.0, seed=1)
+    assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert top_eigenvalue(closure, params, iters=50, tol=0.0, seed=1).value == first.value
+    with same_function() as replay:
+        replay()
+        h1 = hvp(closure, params, first.vector)
+        replay()
+        h2 = hvp(closure, params, first.vector)
+    assert all(torch.equal(a, b) for a, b in zip(h1, h2))  # same masks: the same operator every time
+    assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
+
+
+def test_top_eigenvalue_rejects_bad_input():
+    theta = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="iters"):
+        top_eigenvalue(lambda: (theta**2).sum(), [theta], iters=0)
+    with pytest.raises(ValueError, match="non-zero"):
+        top_eigenvalue(lambda: (theta**2).sum(), [theta], v0=[torch.zeros(2, dtype=torch.float64)])
