@@ -68,6 +68,20 @@ def _pre_post(method: str, c: float) -> tuple[float, float]:
     return 2.0 / c, c / 2.0  # central
 
 
+def _scale_seed(method: str, c: float) -> tuple[float, float]:
+    """The same d as a·g + b·Σ_j weight_j ∇L(θ_j): .grad ← a·g, then pass j back-propagates the seed b·weight_j.
+
+    Used when every active group has the same c (one seed serves them all): it saves the second multiplication
+    over all parameters; a = 1 (central) needs none, and a = 0 (F-GR with γ = ε, unnormalized SAM) lets the
+    perturbed pass write its gradient into a fresh .grad instead of accumulating into zeros.
+    """
+    if method == "forward":
+        return 1.0 - c, c
+    if method == "backward":
+        return 1.0 + c, -c
+    return 1.0, c / 2.0  # central
+
+
 class NonFiniteError(FloatingPointError):
     """A pass produced a non-finite loss or gradient; the step was undone. ``pass_index`` is 1-based."""
 
@@ -322,14 +336,25 @@ def gr_direction(
             if active:
                 coefficients = {i: groups[i].gamma / groups[i].eps for i in active}
                 active_params = [p for i in active for p in params[slices[i]]]
+                # One c for all active groups: scale g once and let the seeds of the perturbed passes apply b.
+                # Otherwise: .grad ← pre·g per group, accumulate, then .grad ← post·.grad per group.
+                shared = len({coefficients[i] for i in active}) == 1
+                scale, seed_scale = _scale_seed(method, coefficients[active[0]]) if shared else (None, 1.0)
                 points = None
                 for j, (sign, weight) in enumerate(zip(_SIGNS[method], _WEIGHTS[method])):
                     if j == 0:
                         points = _perturbed_points(
                             groups, slices, guard.data, grads, sign, perturbation, adaptive_eta
                         )
-                        for i in active:  # .grad ← pre·g, so the later passes accumulate into the combination
-                            torch._foreach_mul_(grads[slices[i]], _pre_post(method, coefficients[i])[0])
+                        if not shared:  # .grad ← pre·g, so the later passes accumulate into the combination
+                            for i in active:
+                                torch._foreach_mul_(grads[slices[i]], _pre_post(method, coefficients[i])[0])
+                        elif scale == 0.0:  # d = ∇L(θ₊): the perturbed pass fills a fresh .grad (g is freed)
+                            for p in active_params:
+                                p.grad = None
+                            grads = []
+                        elif scale != 1.0:
+                            torch._foreach_mul_([g for i in active for g in grads[slices[i]]], scale)
                     else:  # reflect θ + δ into θ − δ through θ (central differences)
                         torch._foreach_lerp_(points, guard.data, 2.0)
                     pass_index = j + 2
@@ -337,13 +362,17 @@ def gr_direction(
                     for p, point in zip(params, points):
                         p.data = point
                     perturbed_loss = _evaluate(closure, pass_index, method)
-                    seed = None if weight == 1.0 else torch.full_like(perturbed_loss, weight)
+                    seed_value = weight * seed_scale
+                    seed = None if seed_value == 1.0 else torch.full_like(perturbed_loss, seed_value)
                     torch.autograd.backward(perturbed_loss, seed, inputs=active_params)
                     guard.restore_data()
                     guard.end_replay()
                     flags.append(perturbed_loss.isfinite())
-                for i in active:
-                    torch._foreach_mul_(grads[slices[i]], _pre_post(method, coefficients[i])[1])
+                if not shared:
+                    for i in active:
+                        torch._foreach_mul_(grads[slices[i]], _pre_post(method, coefficients[i])[1])
+                elif scale == 0.0:
+                    grads = _materialize(params)  # zeros where the perturbed pass reached no parameter
                 flags.append(_all_finite(grads))
         if not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
             failed = next(k for k, f in enumerate(flags) if not bool(f))
