@@ -214,6 +214,8 @@ class IdentityError:
     ``change``: ‖Δ − Δ̂‖/‖Δ‖ with Δ = θ_{t+2} − θ_t as the run produced it and Δ̂ = −η²·(FD estimate of H g)
     computed afresh (the demanding measure); ``params``: ‖θ_{t+2} − (θ_t + Δ̂)‖/‖θ_{t+2}‖;
     ``hessian``: ‖Δ + η² H g‖/‖Δ‖, how far the two steps are from the exact GR step −η² H g (O(η), not round-off).
+    ``floor``: u‖θ_{t+2}‖/‖Δ‖ with u the unit round-off of the dtype, the size of ``change`` that rounding
+    θ_t + η g into θ_{t+1} alone causes: the run's own round-off, seen relative to ‖Δ‖.
     """
 
     t: int
@@ -222,6 +224,7 @@ class IdentityError:
     params: float
     hessian: float
     step_norm: float
+    floor: float
 
 
 def two_step_identity(
@@ -255,6 +258,7 @@ def two_step_identity(
     exact_gr = -(lr**2) * torch.cat([h.reshape(-1) for h in hg])
     change = crossing.theta_t2 - crossing.theta_t
     step_norm = float(change.norm())
+    unit_roundoff = torch.finfo(change.dtype).eps / 2
     return IdentityError(
         t=crossing.t,
         kind=crossing.kind,
@@ -262,6 +266,7 @@ def two_step_identity(
         params=float((crossing.theta_t2 - (crossing.theta_t + predicted)).norm() / crossing.theta_t2.norm()),
         hessian=float((change - exact_gr).norm()) / step_norm,
         step_norm=step_norm,
+        floor=unit_roundoff * float(crossing.theta_t2.norm()) / step_norm,
     )
 
 
