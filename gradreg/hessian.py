@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -86,7 +86,8 @@ def same_function() -> Iterator[Callable[[], None]]:
         replay()
 
 
-class TopEigen(NamedTuple):
+@dataclass(frozen=True)
+class TopEigen:
     """Result of :func:`top_eigenvalue`: the eigenvalue, its unit eigenvector, iterations used, convergence."""
 
     value: float
@@ -111,10 +112,10 @@ def top_eigenvalue(
     """The Hessian eigenvalue of **largest magnitude**, by power iteration on Hessian–vector products.
 
     v₀ is a seeded Gaussian (or ``v0``, e.g. the previous vector, to warm-start a tracked sharpness);
-    v_{k+1} = H v_k/‖H v_k‖ and λ_k = v_kᵀ H v_k (the Rayleigh quotient, which carries the sign). It stops when
-    |λ_k − λ_{k−1}| ≤ tol·|λ_k| or after ``iters`` products. Power iteration finds the largest |λ|: near a
-    minimum that is the top ("sharpness") eigenvalue, but where a negative eigenvalue dominates the result is
-    negative. It converges like (λ₂/λ₁)^{2k}; ``converged=False`` says the tolerance was not reached (e.g. when
+    v_{k+1} = H v_k/‖H v_k‖ and λ_k = v_kᵀ H v_k (the Rayleigh quotient, which carries the sign). It stops
+    when abs(λ_k − λ_{k−1}) ≤ tol·abs(λ_k) or after ``iters`` products. Power iteration finds the eigenvalue of
+    largest absolute value: near a minimum that is the top ("sharpness") eigenvalue, but where a negative
+    eigenvalue dominates the result is negative. It converges like (λ₂/λ₁)^{2k}; ``converged=False`` says the tolerance was not reached (e.g. when
     λ and −λ are both eigenvalues of the largest magnitude).
 
     The closure is evaluated once per iteration as the same function (same dropout masks, BatchNorm running
