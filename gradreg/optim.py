@@ -62,6 +62,12 @@ class GR(Optimizer):
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}; got {on_nonfinite!r}")
         if not any(p.requires_grad for group in base_optimizer.param_groups for p in group["params"]):
             raise ValueError("base_optimizer: no parameter requires grad; nothing to regularize")
+        if getattr(base_optimizer, "_wrapped_by_gradreg", False):
+            # The groups already carry the first wrapper's gamma/eps, which would silently win over these.
+            raise ValueError(
+                "base_optimizer is already wrapped by a gradreg.GR: build a fresh base optimizer for a second "
+                "configuration, or change gamma/eps in optimizer.param_groups"
+            )
         self.base_optimizer = base_optimizer
         self.method = method
         self.perturbation = perturbation
@@ -69,6 +75,7 @@ class GR(Optimizer):
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
         super().__init__(base_optimizer.param_groups, {"gamma": gamma, "eps": eps})
+        base_optimizer._wrapped_by_gradreg = True
 
     # The ascent–descent family as configurations of the one engine (Chapter 4).
     @classmethod

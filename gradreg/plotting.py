@@ -7,6 +7,7 @@ import matplotlib as mpl
 #: One colour per method, used by every chapter (colour-blind-safe Okabe-Ito palette).
 METHOD_COLORS: dict[str, str] = {
     "sgd": "#000000",
+    "gd": "#000000",
     "double": "#0072B2",
     "forward": "#D55E00",
     "backward": "#009E73",
@@ -19,6 +20,7 @@ METHOD_COLORS: dict[str, str] = {
 #: Display names for the methods, as the book writes them.
 METHOD_LABELS: dict[str, str] = {
     "sgd": "SGD",
+    "gd": "GD",
     "double": "DB-GR",
     "forward": "F-GR",
     "backward": "B-GR",
@@ -43,7 +45,7 @@ STYLE: dict[str, object] = {
     "axes.spines.top": False,
     "axes.spines.right": False,
     "lines.linewidth": 1.8,
-    "axes.prop_cycle": mpl.cycler(color=list(METHOD_COLORS.values())[1:] + ["#000000"]),
+    "axes.prop_cycle": mpl.cycler(color=list(METHOD_COLORS.values())[2:] + ["#000000"]),
 }
 
 

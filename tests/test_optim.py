@@ -176,3 +176,12 @@ def test_zero_grad_and_repr():
     optimizer.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     assert "GR(method='forward'" in repr(optimizer)
+
+
+def test_a_base_optimizer_wrapped_twice_is_refused():
+    """The groups hold the first wrapper's gamma/eps; a second wrapper must not silently run with them."""
+    model = mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    gr.GR(base, gamma=0.01, eps=0.01)
+    with pytest.raises(ValueError, match="already wrapped by a gradreg.GR"):
+        gr.GR(base, gamma=0.5, eps=0.5)

@@ -34,7 +34,7 @@ _LITERAL_OR_ROLE = re.compile(r"(``.+?``|`[^`]*`)")
 
 def _drop_type_docstring(app, what, name, obj, options, lines: list[str]) -> None:
     """A constant without a doc comment (``METHODS = (...)``) would show its type's docstring (tuple's)."""
-    if what in {"data", "attribute"} and obj is not None and type(obj).__doc__:
+    if what in {"data", "attribute"} and obj is not None and isinstance(type(obj).__doc__, str):
         if "\n".join(lines).strip() == inspect.cleandoc(type(obj).__doc__).strip():
             lines.clear()
 
