@@ -6,13 +6,12 @@ closure, :class:`GR` wraps any torch optimizer with it.
 
 __version__ = "0.1.0"
 
-from gradreg import data, diagnostics, dln, experiments, flooding, hessian, models, plotting, runtime
+from gradreg import bench, data, diagnostics, dln, experiments, flooding, hessian, models, plotting, runtime
 from gradreg.engine import METHODS, PERTURBATIONS, NonFiniteError, gr_grad
 from gradreg.optim import GR
 from gradreg.runtime import Setup, setup
 
 __all__ = [
-    "GR", "METHODS", "PERTURBATIONS", "NonFiniteError", "Setup", "__version__", "data", "diagnostics", "dln", "experiments",
-    "flooding", "gr_grad", "hessian",
-    "models", "plotting", "runtime", "setup",
+    "GR", "METHODS", "PERTURBATIONS", "NonFiniteError", "Setup", "__version__", "bench", "data", "diagnostics",
+    "dln", "experiments", "flooding", "gr_grad", "hessian", "models", "plotting", "runtime", "setup",
 ]

@@ -177,7 +177,7 @@ def test_colab_button_points_at_the_notebook_in_the_repository(book, chapter):
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
+    def log_message(self, format, *args):
         pass
 
 
@@ -254,7 +254,7 @@ class _Browser:
 
     def __init__(self, executable: str, workdir: Path):
         self.profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir))
-        self.log = open(workdir / "chromium.log", "wb")  # noqa: SIM115 - closed in close()
+        self.log = open(workdir / "chromium.log", "wb")
         flags = [
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
