@@ -192,6 +192,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr  # e.g. runpy's "found in sys.modules" for a module run with -m
     assert "F-GR" in proc.stdout and "DB-GR" in proc.stdout and "two passes" in proc.stdout
     data = json.loads(out.read_text())
     assert data["config"]["depth"] == 2 and data["config"]["batch_size"] == 8

@@ -787,6 +787,3 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         print(f"wrote {args.json}", file=sys.stderr)
     return result
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""``python -m gradreg.bench``: see :mod:`gradreg.bench`."""
+
+from gradreg.bench import main
+
+main()
