@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_book_meta import toc_files
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
@@ -47,24 +48,7 @@ PAGE_TIMEOUT_S = 30.0
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _toc_files() -> list[str]:
-    """Every file listed (uncommented) in _toc.yml, without suffix, in reading order."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                files.append(node["file"])
-            for key in ("parts", "chapters", "sections"):
-                for child in node.get(key) or []:
-                    walk(child)
-
-    walk(toc)
-    return files
-
-
-TOC_FILES = _toc_files()
+TOC_FILES = toc_files()
 CHAPTERS = [f for f in TOC_FILES if f.startswith("chapters/")]
 # Pages opened in the browser, and whether they must contain math.
 BROWSER_PAGES = {
@@ -130,7 +114,8 @@ def _warnings(log: str) -> list[str]:
 
 def test_book_builds_without_warnings(book):
     warnings = "\n".join(_warnings(book["log"])[:40])
-    assert book["rc"] == 0, f"jupyter-book build -W -n failed (rc={book['rc']}):\n{warnings}\n...\n{book['log'][-3000:]}"
+    tail = book["log"][-3000:]
+    assert book["rc"] == 0, f"jupyter-book build -W -n failed (rc={book['rc']}):\n{warnings}\n...\n{tail}"
     assert "build succeeded" in book["log"], book["log"][-3000:]
 
 

@@ -41,7 +41,8 @@ def _toc() -> dict:
     return yaml.safe_load(TOC_PATH.read_text())
 
 
-def _toc_files() -> list[str]:
+def toc_files() -> list[str]:
+    """Every file listed (uncommented) in _toc.yml, without suffix, in reading order."""
     toc = _toc()
     files = [toc["root"]]
 
@@ -129,7 +130,8 @@ def test_repository_url_lives_in_one_place():
     for path, text in texts.items():
         for found_url, found_branch in PIP_URL.findall(text):
             assert (found_url, found_branch) == (url, branch), (
-                f"{path.relative_to(ROOT)}: installs from {found_url}@{found_branch}, but _config.yml says {url}@{branch}"
+                f"{path.relative_to(ROOT)}: installs from {found_url}@{found_branch}, "
+                f"but _config.yml says {url}@{branch}"
             )
         for found_repo, found_branch in COLAB_URL.findall(text):
             assert (found_repo, found_branch) == (owner_repo, branch), (
@@ -144,19 +146,19 @@ def test_every_toc_entry_exists():
     toc = _toc()
     assert toc["format"] == "jb-book"
     assert toc["root"] == "book/intro"
-    for name in _toc_files():
+    for name in toc_files():
         candidates = [ROOT / f"{name}{suffix}" for suffix in (".md", ".ipynb")]
         assert any(c.is_file() for c in candidates), f"_toc.yml lists {name}, but neither {name}.md nor .ipynb exists"
 
 
 def test_front_matter_pages_are_in_the_toc():
-    files = _toc_files()
+    files = toc_files()
     for page in ("book/intro", "book/notation", "book/api", "book/references"):
         assert page in files, f"{page} is missing from _toc.yml"
 
 
 def test_every_chapter_is_in_the_toc_in_order():
-    listed = [f for f in _toc_files() if f.startswith("chapters/")]
+    listed = [f for f in toc_files() if f.startswith("chapters/")]
     on_disk = [f"chapters/{p.stem}" for p in CHAPTER_FILES]
     missing = [c for c in on_disk if c not in listed]
     assert not missing, f"chapters not listed (uncommented) in _toc.yml: {missing}"
@@ -167,7 +169,7 @@ def test_every_chapter_is_in_the_toc_in_order():
 
 def test_intro_links_every_chapter_in_the_toc():
     intro = (ROOT / "book" / "intro.md").read_text()
-    for chapter in (f for f in _toc_files() if f.startswith("chapters/")):
+    for chapter in (f for f in toc_files() if f.startswith("chapters/")):
         assert f"](../{chapter}.ipynb)" in intro, (
             f"book/intro.md's map of the chapters must link {chapter}: turn its title into "
             f"[title](../{chapter}.ipynb)"
