@@ -182,9 +182,8 @@ class _StepGuard:
         self.frozen.clear()
 
     def restore_data(self) -> None:
-        for p, data in zip(self.params, self.data):
-            if p.data is not data:
-                p.data = data
+        for p, data in zip(self.params, self.data):  # (p.data is a new object on each access: no identity test)
+            p.data = data
 
     def commit(self) -> None:
         """Success: keep the new .grad and the first pass's statistics; the RNG continues as after one pass."""
