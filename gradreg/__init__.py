@@ -4,7 +4,7 @@ The GR objective L(θ) + (γ/2)‖∇L(θ)‖² has the gradient ∇L + γH∇L;
 closure, :class:`GR` wraps any torch optimizer with it.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from gradreg import bench, data, diagnostics, dln, experiments, flooding, hessian, models, plotting, runtime
 from gradreg.engine import METHODS, PERTURBATIONS, NonFiniteError, gr_grad

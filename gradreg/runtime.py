@@ -1,10 +1,16 @@
-"""One call that every chapter makes: seeds, device, plot style and the fast/full switch.
+"""One call that every chapter makes: seeds, device, threads, plot style and the fast/full switch.
 
 The book has one documented switch, the environment variable ``GRADREG_FULL``:
 
 * unset (default): full-size experiments when a CUDA GPU is present, the fast CPU size otherwise;
 * ``GRADREG_FULL=1``: full size even on a CPU (slow);
 * ``GRADREG_FULL=0``: fast size even on a GPU (what CI and the committed notebooks use).
+
+Threads (:func:`pick_threads`): the chapters' models are small, and small matrix products get slower, not faster,
+beyond a few threads; two processes that each use every core make both crawl. So :func:`setup` keeps an explicit
+choice (``OMP_NUM_THREADS`` in the environment, or ``setup(threads=...)``) and otherwise caps torch's default
+(one thread per physical core) at :data:`MAX_THREADS`. The thread count changes the order of floating-point sums,
+so results differ across machines in their last digits; what the chapters assert holds at any thread count.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 import torch
 
 FULL_ENV = "GRADREG_FULL"
+MAX_THREADS = 4
 CACHE_ENV = "GRADREG_CACHE"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -48,6 +55,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def pick_threads(threads: int | None = None) -> int:
+    """The intra-op thread count for a chapter: ``threads`` if given, torch's current count if the environment
+    sets ``OMP_NUM_THREADS`` (the user's choice), else torch's default capped at :data:`MAX_THREADS`."""
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1 (or None for the automatic choice), got {threads!r}")
+        return threads
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), MAX_THREADS))
+
+
 @dataclass(frozen=True)
 class Setup:
     """What a chapter runs with; ``size(fast, full)`` picks a value for the current size."""
@@ -55,6 +74,7 @@ class Setup:
     device: torch.device
     full: bool
     seed: int
+    threads: int
 
     def size(self, fast: T, full: T) -> T:
         """Return ``full`` in full-size mode and ``fast`` otherwise."""
@@ -65,20 +85,22 @@ class Setup:
 
         mode = "full" if self.full else "fast"
         return (
-            f"Setup(device='{self.device}', size='{mode}', seed={self.seed}, "
+            f"Setup(device='{self.device}', size='{mode}', seed={self.seed}, threads={self.threads}, "
             f"gradreg={__version__}, torch={torch.__version__})"
         )
 
 
-def setup(seed: int = 0, *, style: bool = True) -> Setup:
-    """Seed everything, pick the device (CUDA when available), set the plot style, read the size switch."""
+def setup(seed: int = 0, *, style: bool = True, threads: int | None = None) -> Setup:
+    """Seed everything, pick the device (CUDA when available) and the thread count (:func:`pick_threads`),
+    set the plot style, read the size switch."""
     seed_everything(seed)
+    torch.set_num_threads(pick_threads(threads))
     if style:
         from gradreg.plotting import use_style
 
         use_style()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Setup(device=device, full=full_size(), seed=seed)
+    return Setup(device=device, full=full_size(), seed=seed, threads=torch.get_num_threads())
 
 
 def progress(iterable: Iterable[T], *, enabled: bool | None = None, **kwargs: Any) -> Iterable[T]:

@@ -60,3 +60,24 @@ def test_double_backprop_graph_figure_counts_3l_minus_1_products():
         fig, ax = plt.subplots()
         assert gr.plotting.draw_double_backprop_graph(ax, depth) == 3 * depth - 1
         plt.close(fig)
+
+
+def test_setup_picks_a_capped_thread_count_and_keeps_an_explicit_one(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(runtime.MAX_THREADS + 3)
+        assert gr.setup(seed=0, style=False).threads == runtime.MAX_THREADS  # capped
+        torch.set_num_threads(1)
+        assert gr.setup(seed=0, style=False).threads == 1  # never raised above torch's choice
+        assert gr.setup(seed=0, style=False, threads=2).threads == 2 == torch.get_num_threads()
+        above = runtime.MAX_THREADS + 2
+        monkeypatch.setenv("OMP_NUM_THREADS", str(above))
+        torch.set_num_threads(above)
+        assert gr.setup(seed=0, style=False).threads == above  # the environment's choice is kept, even above the cap
+        assert f"threads={above}" in repr(gr.setup(seed=0, style=False))
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+                gr.setup(seed=0, style=False, threads=bad)
+    finally:
+        torch.set_num_threads(before)
