@@ -3,6 +3,7 @@ second formulation, lstsq, torch double backprop in float64, and the identities 
 
 from __future__ import annotations
 
+import pickle
 import sys
 
 import numpy as np
@@ -406,3 +407,11 @@ def test_the_flows_without_scipy_say_how_to_install_it(monkeypatch):
         _flow()
     du, _, _ = _direction(method="central", gamma=0.1, eps=0.1)  # the direction is numpy only
     assert du.shape == (6,)
+
+
+def test_runs_pickle_under_their_public_name(data):
+    """runtime.cached stores runs with torch.save (pickle): the classes resolve as gradreg.dln.<name>."""
+    run = dln.gradient_descent(data.X, data.y, 0.1, "central", 0.1, 0.1, lr=0.01, steps=2)
+    again = pickle.loads(pickle.dumps(run))
+    assert type(again) is dln.DLNRun and dln.DLNRun.__module__ == "gradreg.dln"
+    np.testing.assert_array_equal(again.beta, run.beta)
