@@ -171,6 +171,14 @@ def _perturbed_point(groups: list[ParamGroup], data: list[Tensor], grads: list[T
     return out
 
 
+def _kept(buffer: dict[Tensor, Tensor], p: Tensor) -> Tensor:
+    """The tensor ``buffer`` keeps for ``p`` between steps (made anew if ``p`` changed shape, dtype or device)."""
+    b = buffer.get(p)
+    if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+        b = buffer[p] = torch.empty_like(p, requires_grad=False)
+    return b
+
+
 def _materialize(params: list[Tensor]) -> list[Tensor]:
     for p in params:
         if p.grad is None:
@@ -195,7 +203,8 @@ def _finite_differences(closure: Callable[[], Tensor], groups: list[ParamGroup],
     shared = len(set(c)) == 1
     inputs = [p for group in active for p in group.params]
     with record_function("gradreg:perturb"):
-        point = _perturbed_point(groups, replay.data, grads, stencil[0][0], perturbation, eta, buffer)
+        out = None if buffer is None else [_kept(buffer, p) for p in params]
+        point = _perturbed_point(groups, replay.data, grads, stencil[0][0], perturbation, eta, out)
         g_flags = []  # g's finiteness where d does not carry g
         for group, c_k in zip(active, c):
             factor = 1.0 - c_k * sum(w for _, w in stencil)  # the weight of g in d
@@ -279,13 +288,14 @@ _NO_DOUBLE_BACKWARD = re.compile(r"derivative for .* is not implemented|double b
 
 
 def gr_direction(closure: Callable[[], Tensor], groups: Sequence[ParamGroup], *, method: str = "forward",
-                 perturbation: str = "raw", adaptive_eta: float = 0.01, buffer: list[Tensor] | None = None) -> Tensor:
+                 perturbation: str = "raw", adaptive_eta: float = 0.01, buffer: dict[Tensor, Tensor] | None = None,
+                 ) -> Tensor:
     """Fill each parameter's ``.grad`` with the GR direction d ≈ g + γHg; return L(θ), detached.
 
     The engine behind :func:`gr_grad` and :class:`gradreg.GR`, for several parameter groups at once: the
     perturbation is one step of all groups together (each with its own ε), each group combines the gradients
-    with its own c = γ/ε, and groups with γ = 0 keep d = g. ``buffer`` (tensors shaped like the parameters)
-    receives the perturbed point instead of a fresh allocation.
+    with its own c = γ/ε, and groups with γ = 0 keep d = g. ``buffer``, a dict kept by the caller between
+    calls, holds the perturbed point (one tensor per parameter) instead of a fresh allocation in every call.
     """
     if not callable(closure):
         raise TypeError(f"closure must be a callable that returns the loss, got {type(closure).__name__}")
