@@ -13,28 +13,28 @@ stencil of :mod:`gradreg.methods` (c = γ/ε, δ the perturbation):
 (``"adaptive"``: ASAM). All passes of a step run in one :class:`gradreg._replay.Replay`: same dropout masks,
 running statistics updated once, the closure's manners checked, and everything restored if a pass fails.
 
-The arithmetic, laid out for speed: g lives in ``.grad``, which is scaled once to (1 − cΣw)·g (not at all for
-central, where that is g, and for F-GR with γ = ε, unnormalized SAM, g is freed instead: one buffer less);
-perturbed pass j back-propagates the seed c·w_j, so its gradient accumulates into ``.grad`` already weighted;
-the perturbed point is one parameter-sized buffer swapped in for θ (θ itself is never written). Groups with
-different c get .grad ← ((1 − c_kΣw)/c_k)·g, seeds w_j and a final ×c_k. Finiteness is checked once, on d,
-which every pass's non-finite values reach; only when that check fails is the failing pass looked for.
+For speed: g lives in ``.grad``, scaled once to (1 − cΣw)·g (central: no scaling; F-GR with γ = ε: g is freed,
+one buffer less); pass j back-propagates the seed c·w_j, so its gradient accumulates into ``.grad`` weighted;
+the perturbed point is one buffer swapped in for θ, which is never written. Groups with different c: .grad ←
+((1 − c_kΣw)/c_k)·g, seeds w_j, then ×c_k. Finiteness is checked once, on d, which every pass's non-finite
+values reach; the failing pass is looked for only when that check fails.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from numbers import Real
 
 import torch
 from torch import Tensor
 from torch.autograd.profiler import record_function
 
+from gradreg._checks import as_params, check_config
 from gradreg._replay import Replay
 from gradreg.methods import METHODS, PERTURBATIONS, STENCILS
+
+__all__ = ["METHODS", "PERTURBATIONS", "NonFiniteError", "ParamGroup", "gr_direction", "gr_grad", "pass_name"]
 
 NORM_FLOOR = 1e-12  # added to ‖g‖ in normalized steps, as in SAM implementations
 
@@ -63,51 +63,6 @@ def pass_name(method: str, index: int) -> str:
     if method == "double":
         return "Hessian-vector product H·g (double backward)"
     return f"gradient at θ {'+' if STENCILS[method][index - 2][0] > 0 else '−'} δ"
-
-
-def _real(name: str, value: object, *, positive: bool) -> float:
-    bound = "> 0" if positive else ">= 0"
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a finite number {bound}, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return value
-
-
-def check_config(gamma: object, eps: object, method: object, perturbation: object = "raw",
-                 adaptive_eta: object = 0.01, *, where: str = "") -> tuple[float, float | None]:
-    """Validate one GR setting; return (γ, ε) as floats. Errors name the argument and its allowed values."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-    if perturbation not in PERTURBATIONS:
-        raise ValueError(f"perturbation must be one of {', '.join(map(repr, PERTURBATIONS))}; got {perturbation!r}")
-    _real("adaptive_eta", adaptive_eta, positive=False)
-    gamma = _real(f"gamma{where}", gamma, positive=False)
-    if method == "double":
-        if perturbation != "raw":
-            raise ValueError(f"perturbation={perturbation!r} does not apply to method='double' (exact Hg): use 'raw'")
-        return gamma, None if eps is None else _real(f"eps{where}", eps, positive=True)
-    if eps is None:
-        raise ValueError(f"eps{where} is required for method={method!r}: the finite-difference step, a number > 0")
-    eps = _real(f"eps{where}", eps, positive=True)
-    if not math.isfinite(gamma / eps):
-        raise ValueError(f"gamma/eps{where} = {gamma!r}/{eps!r} overflows: c = γ/ε must be finite")
-    return gamma, eps
-
-
-def as_params(params: object, name: str = "params") -> list[Tensor]:
-    """``params`` as a list of tensors, refusing what torch.optim refuses (a tensor, a dict, a module, pairs)."""
-    if isinstance(params, (Tensor, dict, torch.nn.Module, str)) or not isinstance(params, Iterable):
-        hint = " (use model.parameters())" if isinstance(params, torch.nn.Module) else ""
-        raise TypeError(f"{name} must be an iterable of Tensors, e.g. [w] or model.parameters(), got "
-                        f"{type(params).__name__}{hint}")
-    params = list(params)
-    for p in params:
-        if not isinstance(p, Tensor):
-            hint = ": pass model.parameters(), not named_parameters()" if isinstance(p, tuple) else ""
-            raise TypeError(f"{name} must contain Tensors only, got a {type(p).__name__}{hint}")
-    return params
 
 
 def _checked(groups: Sequence[ParamGroup], method: str, perturbation: str, eta: object) -> list[ParamGroup]:
@@ -140,8 +95,7 @@ def _exactly_finite(tensors: Sequence[Tensor]) -> bool:
 
 
 def _global_norm(tensors: list[Tensor]) -> Tensor:
-    norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    return torch.linalg.vector_norm(torch.stack([n.to(tensors[0].device) for n in torch._foreach_norm(tensors)]))
 
 
 def _adaptive_scale(param: Tensor, eta: float) -> Tensor:

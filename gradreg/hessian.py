@@ -24,8 +24,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from gradreg._checks import as_params
 from gradreg._replay import Replay
-from gradreg.engine import as_params
 
 
 def _as_list(tensors: Sequence[Tensor] | Tensor) -> list[Tensor]:

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradreg.engine import NonFiniteError, ParamGroup, check_config, gr_direction
+from gradreg._checks import check_config
+from gradreg.engine import NonFiniteError, ParamGroup, gr_direction
 
 ON_NONFINITE = ("raise", "skip")
 SETTINGS = ("method", "perturbation", "adaptive_eta", "on_nonfinite", "skipped_steps")
