@@ -195,20 +195,18 @@ def _double_backprop(closure: Callable[[], Tensor], groups: list[ParamGroup], re
         grads = torch.autograd.grad(losses[0], params, create_graph=True, allow_unused=True)
     direction = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
     g_flags = [_all_finite(direction)]
-    inputs = [p for group in groups if group.gamma != 0 for p in group.params]
+    gammas = [group.gamma for group in groups for _ in group.params]
+    active = [(p, d, gamma) for p, d, gamma in zip(params, direction, gammas) if gamma != 0]
     pairs = [(g, d) for g, d in zip(grads, direction) if g is not None and g.requires_grad]
-    if inputs and pairs:  # without pairs the gradient does not depend on θ: H g = 0
+    if active and pairs:  # without pairs the gradient does not depend on θ: H g = 0
         replay.passes += 1  # pass 2, the double backward (no closure call)
         with record_function("gradreg:pass2"):
-            hvp = iter(torch.autograd.grad([g for g, _ in pairs], inputs, [d for _, d in pairs], allow_unused=True))
+            hvp = torch.autograd.grad([g for g, _ in pairs], [p for p, _, _ in active], [d for _, d in pairs],
+                                      allow_unused=True)
         with record_function("gradreg:combine"):
-            start = 0
-            for group in groups:
-                for d in direction[start:start + len(group.params)] if group.gamma != 0 else []:
-                    h = next(hvp)
-                    if h is not None:
-                        d.add_(h, alpha=group.gamma)
-                start += len(group.params)
+            for (_, d, gamma), h in zip(active, hvp):
+                if h is not None:
+                    d.add_(h, alpha=gamma)
     for p, d in zip(params, direction):
         p.grad = d
     return losses, _materialize(params), g_flags, None
