@@ -7,7 +7,8 @@ what to do instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
@@ -59,3 +60,30 @@ def as_params(params: object, name: str = "params") -> list[Tensor]:
             hint = ": pass model.parameters(), not named_parameters()" if isinstance(p, tuple) else ""
             raise TypeError(f"{name} must contain Tensors only, got a {type(p).__name__}{hint}")
     return params
+
+
+@dataclass
+class ParamGroup:
+    """Parameters sharing one GR strength ``gamma`` and one finite-difference step ``eps``."""
+
+    params: list[Tensor]
+    gamma: float
+    eps: float | None = None
+
+
+def checked_groups(groups: Sequence[ParamGroup], method: str, perturbation: str, eta: object) -> list[ParamGroup]:
+    """Groups validated, with frozen parameters and then empty groups dropped; a parameter may appear once."""
+    checked, seen = [], set()
+    for i, group in enumerate(groups):
+        where = f" (param group {i})" * (len(groups) > 1)
+        gamma, eps = check_config(group.gamma, group.eps, method, perturbation, eta, where=where)
+        params = [p for p in as_params(group.params, f"params{where}") if p.requires_grad]
+        for p in params:
+            if id(p) in seen:
+                raise ValueError(f"params{where}: a parameter appears twice; list every parameter once, in one group")
+            seen.add(id(p))
+        if params:
+            checked.append(ParamGroup(params, gamma, eps))
+    if not checked:
+        raise ValueError("params: no parameter requires grad; nothing to regularize")
+    return checked

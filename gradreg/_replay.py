@@ -25,6 +25,7 @@ points, and must differentiate the *same* function each time. :class:`Replay` ma
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -71,9 +72,17 @@ def annotate(exc: BaseException, message: str) -> None:
 
 
 class Replay:
-    """The context of one step over ``params``; see the module docstring. Use :meth:`close` or :meth:`rollback`."""
+    """The context of one step over ``params``; see the module docstring. Use :meth:`close` or :meth:`rollback`.
 
-    def __init__(self, params: Sequence[Tensor], *, replay_first: bool = False):
+    ``closures`` are the micro-batches of the step (their losses add up to the step's loss); ``loss_scale``
+    multiplies every back-propagated loss (a GradScaler's scale); ``ddp`` is the DistributedDataParallel module
+    whose gradient synchronisation :meth:`run_pass` switches on only where asked.
+    """
+
+    def __init__(self, params: Sequence[Tensor], *, replay_first: bool = False,
+                 closures: Sequence[Callable[[], Tensor]] = (), loss_scale: float = 1.0,
+                 ddp: torch.nn.Module | None = None):
+        self.closures, self.loss_scale, self.ddp = list(closures), loss_scale, ddp
         self.params = list(params)
         self.data = [p.data for p in self.params]  # θ: its storage is never written during the step
         self.grads = [p.grad for p in self.params]  # the .grad objects before the step, out of the closure's reach
@@ -81,6 +90,7 @@ class Replay:
             p.grad = None
         self.replay_first = replay_first
         self.rng_start = _rng_state()
+        self.rng_before: list[RNGState] = [self.rng_start]  # before each micro-batch of the first pass
         self.rng_after_first: RNGState | None = None
         self.passes = 0
         self.saved: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}  # buffers before the step
@@ -99,13 +109,44 @@ class Replay:
         if self.replaying and module not in self.frozen:
             self.frozen[module] = _copy_buffers(module)
 
-    def evaluate(self, closure: Callable[[], Tensor]) -> Tensor:
-        """Start the next pass (replayed: same random numbers) and return ``closure()``, checked."""
+    def begin_pass(self) -> None:
         self.passes += 1
+        if self.replaying and self.rng_after_first is None and not self.replay_first:
+            self.rng_after_first = _rng_state()
+
+    def no_sync(self, skip: bool = True) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync()`` when ``skip`` (and there is a DDP module), else nothing."""
+        return self.ddp.no_sync() if skip and self.ddp is not None else contextlib.nullcontext()
+
+    def run_pass(self, inputs: Sequence[Tensor], seed: float = 1.0, *, sync: bool = True) -> Tensor:
+        """One gradient pass: ``.grad += seed·∇L_i`` for every micro-batch i (back-propagating seed·loss_scale·L_i),
+        synchronised across DDP workers only on the last micro-batch and only if ``sync``; returns Σ_i L_i."""
+        self.begin_pass()
+        total, scale = None, seed * self.loss_scale
+        for i, closure in enumerate(self.closures):
+            with self.no_sync(not (sync and i == len(self.closures) - 1)):
+                loss = self.evaluate(closure, i)
+                torch.autograd.backward(loss, None if scale == 1.0 else torch.full_like(loss, scale), inputs=inputs)
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
+    def all_reduce_mean(self, tensors: list[Tensor]) -> None:
+        """The mean over the DDP workers, in place, through one flat buffer."""
+        flat = torch._utils._flatten_dense_tensors(tensors)
+        torch.distributed.all_reduce(flat, group=self.ddp.process_group)
+        flat /= torch.distributed.get_world_size(self.ddp.process_group)
+        for t, f in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+            t.copy_(f)
+
+    def evaluate(self, closure: Callable[[], Tensor], index: int = 0) -> Tensor:
+        """``closure()`` (micro-batch ``index``), checked; in a replayed pass with the random numbers that the first
+        pass drew for it. A first call with no pass begun begins one."""
+        if self.passes == 0:
+            self.begin_pass()
         if self.replaying:
-            if self.rng_after_first is None:
-                self.rng_after_first = _rng_state()
-            _set_rng_state(self.rng_start)
+            _set_rng_state(self.rng_before[index])
+        elif index == len(self.rng_before):
+            self.rng_before.append(_rng_state())
         watched = [(p.grad, None if p.grad is None else p.grad._version) for p in self.params]
         with torch.enable_grad():
             loss = closure()

@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.autograd.profiler import record_function
 
-from gradreg._checks import as_params, check_config
+from gradreg._checks import ParamGroup, as_params, checked_groups
+from gradreg._perturb import kept, perturbed_point
 from gradreg._replay import Replay
 from gradreg.methods import METHODS, PERTURBATIONS, STENCILS
 
 __all__ = ["METHODS", "PERTURBATIONS", "NonFiniteError", "ParamGroup", "gr_direction", "gr_grad", "pass_name"]
-
-NORM_FLOOR = 1e-12  # added to ‖g‖ in normalized steps, as in SAM implementations
 
 
 class NonFiniteError(FloatingPointError):
@@ -47,15 +45,6 @@ class NonFiniteError(FloatingPointError):
         self.method, self.pass_index, self.loss = method, pass_index, loss
 
 
-@dataclass
-class ParamGroup:
-    """Parameters sharing one GR strength ``gamma`` and one finite-difference step ``eps``."""
-
-    params: list[Tensor]
-    gamma: float
-    eps: float | None = None
-
-
 def pass_name(method: str, index: int) -> str:
     """What pass ``index`` (1-based) of ``method`` computes, for messages."""
     if index == 1:
@@ -63,24 +52,6 @@ def pass_name(method: str, index: int) -> str:
     if method == "double":
         return "Hessian-vector product H·g (double backward)"
     return f"gradient at θ {'+' if STENCILS[method][index - 2][0] > 0 else '−'} δ"
-
-
-def _checked(groups: Sequence[ParamGroup], method: str, perturbation: str, eta: object) -> list[ParamGroup]:
-    """Groups validated, with frozen parameters and then empty groups dropped; a parameter may appear once."""
-    checked, seen = [], set()
-    for i, group in enumerate(groups):
-        where = f" (param group {i})" * (len(groups) > 1)
-        gamma, eps = check_config(group.gamma, group.eps, method, perturbation, eta, where=where)
-        params = [p for p in as_params(group.params, f"params{where}") if p.requires_grad]
-        for p in params:
-            if id(p) in seen:
-                raise ValueError(f"params{where}: a parameter appears twice; list every parameter once, in one group")
-            seen.add(id(p))
-        if params:
-            checked.append(ParamGroup(params, gamma, eps))
-    if not checked:
-        raise ValueError("params: no parameter requires grad; nothing to regularize")
-    return checked
 
 
 def _all_finite(tensors: Sequence[Tensor]) -> Tensor:
@@ -94,45 +65,6 @@ def _exactly_finite(tensors: Sequence[Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _global_norm(tensors: list[Tensor]) -> Tensor:
-    return torch.linalg.vector_norm(torch.stack([n.to(tensors[0].device) for n in torch._foreach_norm(tensors)]))
-
-
-def _adaptive_scale(param: Tensor, eta: float) -> Tensor:
-    """ASAM's T_w = |w| + η for weight matrices and kernels (ndim ≥ 2); biases and norm scales get T = 1."""
-    return param.abs().add_(eta) if param.ndim >= 2 else torch.ones_like(param)
-
-
-def _perturbed_point(groups: list[ParamGroup], data: list[Tensor], grads: list[Tensor], sign: float,
-                     perturbation: str, eta: float, out: list[Tensor] | None) -> list[Tensor]:
-    """θ + sign·δ, δ = ε g, ε g/‖g‖ or ε T²g/‖Tg‖ (ε per group, norms over all groups), in ``out`` if given."""
-    directions, denominator = grads, None
-    if perturbation == "normalized":
-        denominator = _global_norm(grads).add_(NORM_FLOOR)
-    elif perturbation == "adaptive":
-        scales = [_adaptive_scale(p, eta) for p in data]
-        scaled = torch._foreach_mul(scales, grads)  # T g
-        denominator = _global_norm(scaled).add_(NORM_FLOOR)
-        directions = torch._foreach_mul(scaled, scales)  # T² g
-    factors = [sign * group.eps if denominator is None else sign * group.eps / denominator
-               for group in groups for _ in group.params]
-    if out is None:
-        if denominator is None and len({*factors}) == 1:
-            return torch._foreach_add(data, directions, alpha=factors[0])
-        out = [torch.empty_like(x) for x in data]
-    for o, x, v, f in zip(out, data, directions, factors):
-        torch.mul(v, f, out=o).add_(x) if isinstance(f, Tensor) else torch.add(x, v, alpha=f, out=o)
-    return out
-
-
-def _kept(buffer: dict[Tensor, Tensor], p: Tensor) -> Tensor:
-    """The tensor ``buffer`` keeps for ``p`` between steps (made anew if ``p`` changed shape, dtype or device)."""
-    b = buffer.get(p)
-    if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-        b = buffer[p] = torch.empty_like(p, requires_grad=False)
-    return b
-
-
 def _materialize(params: list[Tensor]) -> list[Tensor]:
     for p in params:
         if p.grad is None:
@@ -142,23 +74,24 @@ def _materialize(params: list[Tensor]) -> list[Tensor]:
     return [p.grad for p in params]
 
 
-def _finite_differences(closure: Callable[[], Tensor], groups: list[ParamGroup], replay: Replay,
-                        perturbation: str, eta: float, method: str, buffer: list[Tensor] | None):
+def _finite_differences(groups: list[ParamGroup], replay: Replay, perturbation: str, eta: float, method: str,
+                        buffer: dict[Tensor, Tensor] | None, local: bool):
     """The stencil d = (1 − cΣw) g + c Σ_j w_j ∇L(θ + s_j δ) into ``.grad`` (see the module docstring)."""
     params, stencil = replay.params, STENCILS[method]
-    with record_function("gradreg:pass1"):
-        losses = [replay.evaluate(closure)]
-        torch.autograd.backward(losses[0], inputs=params)
-    grads = _materialize(params)
     active = [group for group in groups if group.gamma != 0]
+    with record_function("gradreg:pass1"):  # g, all-reduced unless each worker perturbs with its own
+        losses = [replay.run_pass(params, sync=not (local and active))]
+    grads = _materialize(params)
     if not active:
         return losses, grads, [], None
+    if replay.ddp is not None and len(active) < len(groups):
+        raise ValueError("with ddp, every parameter group needs gamma > 0 (DDP waits for every gradient)")
     c = [group.gamma / group.eps for group in active]
     shared = len(set(c)) == 1
     inputs = [p for group in active for p in group.params]
     with record_function("gradreg:perturb"):
-        out = None if buffer is None else [_kept(buffer, p) for p in params]
-        point = _perturbed_point(groups, replay.data, grads, stencil[0][0], perturbation, eta, out)
+        out = None if buffer is None else [kept(buffer, p) for p in params]
+        point = perturbed_point(groups, replay.data, grads, stencil[0][0], perturbation, eta, out, replay.loss_scale)
         g_flags = []  # g's finiteness where d does not carry g
         for group, c_k in zip(active, c):
             factor = 1.0 - c_k * sum(w for _, w in stencil)  # the weight of g in d
@@ -174,10 +107,7 @@ def _finite_differences(closure: Callable[[], Tensor], groups: list[ParamGroup],
             torch._foreach_lerp_(point, replay.data, 1.0 - sign / stencil[0][0])
         with record_function(f"gradreg:pass{j + 2}"):
             replay.swap_in(point)
-            losses.append(replay.evaluate(closure))
-            seed = c[0] * weight if shared else weight
-            torch.autograd.backward(losses[-1], None if seed == 1.0 else torch.full_like(losses[-1], seed),
-                                    inputs=inputs)
+            losses.append(replay.run_pass(inputs, c[0] * weight if shared else weight, sync=j == len(stencil) - 1))
             replay.end_pass()
     with record_function("gradreg:combine"):
         if not shared:
@@ -187,29 +117,54 @@ def _finite_differences(closure: Callable[[], Tensor], groups: list[ParamGroup],
     return losses, grads, g_flags, point  # the point θ + s_1δ is finite exactly when g is
 
 
-def _double_backprop(closure: Callable[[], Tensor], groups: list[ParamGroup], replay: Replay):
-    """d = g + γ H g exactly: g with its graph, then H g = ∇(g · stop_gradient(g)) for the groups with γ > 0."""
-    params = replay.params
-    with record_function("gradreg:pass1"):
-        losses = [replay.evaluate(closure)]
-        grads = torch.autograd.grad(losses[0], params, create_graph=True, allow_unused=True)
-    direction = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
-    g_flags = [_all_finite(direction)]
+def _double_backprop(groups: list[ParamGroup], replay: Replay, local: bool):
+    """d = g + γ H g exactly, H g = ∇(g · stop_gradient(g)) for the groups with γ > 0. One closure: g with its
+    graph, then the double backward. Micro-batches or DDP: a plain pass gives g (all-reduced unless ``local``),
+    then a replayed pass per micro-batch adds γ ∇(g_i · g); DDP averages d at the end."""
+    params, scale = replay.params, replay.loss_scale
     gammas = [group.gamma for group in groups for _ in group.params]
-    active = [(p, d, gamma) for p, d, gamma in zip(params, direction, gammas) if gamma != 0]
-    pairs = [(g, d) for g, d in zip(grads, direction) if g is not None and g.requires_grad]
-    if active and pairs:  # without pairs the gradient does not depend on θ: H g = 0
-        replay.passes += 1  # pass 2, the double backward (no closure call)
+    active = [(p, gamma) for p, gamma in zip(params, gammas) if gamma != 0]
+    one_graph = len(replay.closures) == 1 and replay.ddp is None
+    with record_function("gradreg:pass1"):
+        if one_graph:
+            losses = [replay.evaluate(replay.closures[0])]
+            first = torch.autograd.grad(losses[0] * scale if scale != 1.0 else losses[0], params, create_graph=True,
+                                        allow_unused=True)
+            direction = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(first, params)]
+        else:
+            losses = [replay.run_pass(params, sync=not local)]
+            direction = [g.detach() for g in _materialize(params)]
+    g_flags = [_all_finite(direction)]
+    v = [d / scale for d in direction] if scale != 1.0 else direction if one_graph else [d.clone() for d in direction]
+    if active:
+        replay.begin_pass()  # pass 2: the double backward
         with record_function("gradreg:pass2"):
-            hvp = torch.autograd.grad([g for g, _ in pairs], [p for p, _, _ in active], [d for _, d in pairs],
-                                      allow_unused=True)
-        with record_function("gradreg:combine"):
-            for (_, d, gamma), h in zip(active, hvp):
-                if h is not None:
-                    d.add_(h, alpha=gamma)
+            for i, closure in enumerate([] if one_graph else replay.closures):
+                with replay.no_sync():
+                    loss = replay.evaluate(closure, i)
+                    loss = loss * scale if scale != 1.0 else loss
+                    _add_hvp(direction, torch.autograd.grad(loss, params, create_graph=True, allow_unused=True),
+                             v, active, params)
+            if one_graph:
+                _add_hvp(direction, first, v, active, params)
+    if replay.ddp is not None:
+        replay.all_reduce_mean(direction)
     for p, d in zip(params, direction):
         p.grad = d
     return losses, _materialize(params), g_flags, None
+
+
+def _add_hvp(direction: list[Tensor], grads: Sequence[Tensor | None], v: list[Tensor],
+             active: list[tuple[Tensor, float]], params: list[Tensor]) -> None:
+    """direction_k += γ_k ∇_k(g · v) for the active parameters (H v; zero where g has no graph)."""
+    pairs = [(g, u) for g, u in zip(grads, v) if g is not None and g.requires_grad]
+    if not pairs:  # the gradient does not depend on θ: H v = 0
+        return
+    hvp = torch.autograd.grad([g for g, _ in pairs], [p for p, _ in active], [u for _, u in pairs], allow_unused=True)
+    where = {id(p): k for k, p in enumerate(params)}
+    for (p, gamma), h in zip(active, hvp):
+        if h is not None:
+            direction[where[id(p)]].add_(h, alpha=gamma)
 
 
 def _raise_if_nonfinite(method: str, losses: list[Tensor], direction: list[Tensor], g_flags: list[Tensor],
@@ -239,25 +194,29 @@ def _raise_if_nonfinite(method: str, losses: list[Tensor], direction: list[Tenso
 _NO_DOUBLE_BACKWARD = re.compile(r"derivative for .* is not implemented|double backward|does not support double")
 
 
-def gr_direction(closure: Callable[[], Tensor], groups: Sequence[ParamGroup], *, method: str = "forward",
-                 perturbation: str = "raw", adaptive_eta: float = 0.01, buffer: dict[Tensor, Tensor] | None = None,
-                 ) -> Tensor:
+def gr_direction(closure: Callable[[], Tensor] | Sequence[Callable[[], Tensor]], groups: Sequence[ParamGroup], *,
+                 method: str = "forward", perturbation: str = "raw", adaptive_eta: float = 0.01,
+                 buffer: dict[Tensor, Tensor] | None = None, loss_scale: float = 1.0,
+                 ddp: torch.nn.Module | None = None, local_perturbation: bool = False) -> Tensor:
     """Fill each parameter's ``.grad`` with the GR direction d ≈ g + γHg; return L(θ), detached.
 
-    The engine behind :func:`gr_grad` and :class:`gradreg.GR`, for several parameter groups at once: the
-    perturbation is one step of all groups together (each with its own ε), each group combines the gradients
-    with its own c = γ/ε, and groups with γ = 0 keep d = g. ``buffer``, a dict kept by the caller between
-    calls, holds the perturbed point (one tensor per parameter) instead of a fresh allocation in every call.
+    The engine behind :func:`gr_grad` and :class:`gradreg.GR`, for several parameter groups (each with its own
+    γ and ε; one joint perturbation; γ = 0 keeps d = g). ``closure`` may be a list of closures, one per
+    micro-batch, whose losses add up to the step's loss: g is accumulated over all of them, then each
+    perturbed pass runs over all of them again. ``buffer`` (a dict the caller keeps) holds the perturbed point
+    between calls. ``loss_scale`` multiplies every back-propagated loss (``.grad`` then holds loss_scale·d).
+    ``ddp``: the DistributedDataParallel module, synchronised only where needed; ``local_perturbation`` perturbs
+    each worker with its own gradient instead of the all-reduced one.
     """
-    if not callable(closure):
-        raise TypeError(f"closure must be a callable that returns the loss, got {type(closure).__name__}")
-    groups = _checked(groups, method, perturbation, adaptive_eta)
-    replay = Replay([p for group in groups for p in group.params])
+    closures = list(closure) if isinstance(closure, (list, tuple)) else [closure]
+    if not closures or not all(callable(c) for c in closures):
+        raise TypeError(f"closure must be a callable that returns the loss (or a non-empty list of them), got "
+                        f"{closure!r:.60}")
+    groups = checked_groups(groups, method, perturbation, adaptive_eta)
+    replay = Replay([p for group in groups for p in group.params], closures=closures, loss_scale=loss_scale, ddp=ddp)
     try:
-        if method == "double":
-            outcome = _double_backprop(closure, groups, replay)
-        else:
-            outcome = _finite_differences(closure, groups, replay, perturbation, float(adaptive_eta), method, buffer)
+        outcome = (_double_backprop(groups, replay, local_perturbation) if method == "double" else
+                   _finite_differences(groups, replay, perturbation, adaptive_eta, method, buffer, local_perturbation))
         with record_function("gradreg:check"):
             _raise_if_nonfinite(method, *outcome)
     except NonFiniteError:
@@ -276,12 +235,14 @@ def gr_direction(closure: Callable[[], Tensor], groups: Sequence[ParamGroup], *,
     return outcome[0][0].detach()
 
 
-def gr_grad(closure: Callable[[], Tensor], params: Iterable[Tensor], *, gamma: float, eps: float | None = None,
-            method: str = "forward", perturbation: str = "raw", adaptive_eta: float = 0.01) -> Tensor:
+def gr_grad(closure: Callable[[], Tensor] | Sequence[Callable[[], Tensor]], params: Iterable[Tensor], *,
+            gamma: float, eps: float | None = None, method: str = "forward", perturbation: str = "raw",
+            adaptive_eta: float = 0.01) -> Tensor:
     """Set ``p.grad`` to the GR direction d ≈ ∇L + γ H∇L for every ``p`` in ``params``; return L(θ).
 
     ``closure()`` runs the forward pass on one fixed batch and returns the scalar loss; it must not call
-    ``zero_grad()`` or ``backward()`` (the engine differentiates as each method needs). On return the parameters
+    ``zero_grad()`` or ``backward()`` (the engine differentiates as each method needs). For gradient accumulation,
+    pass a list of closures, one per micro-batch, whose losses add up to the batch loss. On return the parameters
     hold θ again, bit for bit.
 
     * ``method="double"``: d = g + γ H g exactly (double backprop); ``eps`` is not used.

@@ -10,7 +10,7 @@ and lets the base optimizer step with it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,8 +20,10 @@ from torch.optim import Optimizer
 from gradreg._checks import check_config
 from gradreg.engine import NonFiniteError, ParamGroup, gr_direction
 
+Closure = Callable[[], Tensor] | Sequence[Callable[[], Tensor]]
+
 ON_NONFINITE = ("raise", "skip")
-SETTINGS = ("method", "perturbation", "adaptive_eta", "on_nonfinite", "skipped_steps")
+SETTINGS = ("method", "perturbation", "adaptive_eta", "on_nonfinite", "skipped_steps", "local_perturbation")
 
 
 def _refuse_unsuitable(base_optimizer: object) -> None:
@@ -48,12 +50,37 @@ def _refuse_unsuitable(base_optimizer: object) -> None:
         )
 
 
+def _loss_scale(scaler: torch.amp.GradScaler, groups: list[dict[str, Any]]) -> float:
+    """The scaler's current scale (initialised on the parameters' device, as ``scaler.scale(loss)`` would)."""
+    device = next(p.device for group in groups for p in group["params"])
+    scaler.scale(torch.zeros((), device=device))
+    return float(scaler.get_scale())
+
+
+def _record_overflow(scaler: torch.amp.GradScaler, base: Optimizer) -> None:
+    """Let ``scaler`` see an overflow for ``base`` (so that ``scaler.step`` skips and ``scaler.update`` backs off),
+    through its own ``unscale_`` on a stand-in gradient; every ``.grad`` is put back untouched."""
+    params = [p for group in base.param_groups for p in group["params"]]
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    smallest = min((p for p in params if p.requires_grad), key=torch.Tensor.numel)
+    smallest.grad = torch.full_like(smallest, float("inf"))
+    try:
+        scaler.unscale_(base)
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
+
+
 def _check_settings(settings: dict[str, Any]) -> None:
-    if set(settings) != set(SETTINGS):
-        raise ValueError(f"state_dict['gr'] must have the keys {SETTINGS}; got {tuple(settings)}")
-    if settings["on_nonfinite"] not in ON_NONFINITE:
+    if not set(settings) <= set(SETTINGS):
+        raise ValueError(f"state_dict['gr'] may have the keys {SETTINGS}; got {tuple(settings)}")
+    if settings.get("on_nonfinite", "raise") not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}; got {settings['on_nonfinite']!r}")
-    skipped = settings["skipped_steps"]
+    if not isinstance(settings.get("local_perturbation", False), bool):
+        raise ValueError(f"local_perturbation must be True or False; got {settings['local_perturbation']!r}")
+    skipped = settings.get("skipped_steps", 0)
     if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
         raise ValueError(f"skipped_steps must be an integer >= 0; got {skipped!r}")
 
@@ -76,6 +103,11 @@ class GR(Optimizer):
         keep_buffer: keep the buffer of the perturbed point between steps instead of allocating it in every
             step: no allocation and no page faults per step, at the price of one parameter-sized buffer held
             between steps too (the peak during a step is the same).
+        ddp: the ``DistributedDataParallel`` module the closure calls. Gradients are then synchronised where the
+            mathematics needs it and nowhere else: by default the perturbation uses the all-reduced gradient
+            (a DDP step equals the single-process step on the concatenated batch; two all-reduces per step);
+        local_perturbation: with ``ddp``, each worker perturbs with its own gradient instead (SAM's
+            m-sharpness; one all-reduce per step, as for SGD).
 
     ``param_groups`` and ``state`` are the base optimizer's own, and ``defaults`` include the base optimizer's, so
     every torch LR scheduler, per-group learning rates and ``state_dict``/``load_state_dict`` (which also
@@ -97,6 +129,8 @@ class GR(Optimizer):
         adaptive_eta: float = 0.01,
         on_nonfinite: str = "raise",
         keep_buffer: bool = False,
+        ddp: torch.nn.Module | None = None,
+        local_perturbation: bool = False,
     ):
         _refuse_unsuitable(base_optimizer)
         gamma, eps = check_config(gamma, eps, method, perturbation, adaptive_eta)
@@ -105,6 +139,11 @@ class GR(Optimizer):
                          where=f" (param group {i})")
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}; got {on_nonfinite!r}")
+        if ddp is not None and not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            raise TypeError(f"ddp must be the DistributedDataParallel module the closure calls, got "
+                            f"{type(ddp).__name__}")
+        if not isinstance(local_perturbation, bool) or (local_perturbation and ddp is None):
+            raise ValueError("local_perturbation must be True or False, and True only together with ddp=")
         if not any(p.requires_grad for group in base_optimizer.param_groups for p in group["params"]):
             raise ValueError("base_optimizer: no parameter requires grad; nothing to regularize")
         self.base_optimizer = base_optimizer
@@ -114,6 +153,7 @@ class GR(Optimizer):
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
         self.buffer: dict[Tensor, Tensor] | None = {} if keep_buffer else None
+        self.ddp, self.local_perturbation = ddp, local_perturbation
         super().__init__(base_optimizer.param_groups, {**base_optimizer.defaults, "gamma": gamma, "eps": eps})
         base_optimizer._wrapped_by_gradreg = True
 
@@ -174,34 +214,45 @@ class GR(Optimizer):
         return [ParamGroup(group["params"], group.get("gamma", self.defaults["gamma"]),
                            group.get("eps", self.defaults["eps"])) for group in self.param_groups]
 
-    def direction(self, closure: Callable[[], Tensor]) -> Tensor | None:
+    def direction(self, closure: Closure, *, scaler: torch.amp.GradScaler | None = None) -> Tensor | None:
         """Fill ``.grad`` with the GR direction and return the loss at θ, without stepping.
 
-        Returns ``None`` when ``on_nonfinite="skip"`` skipped this step.
+        ``closure`` may be a list of closures, one per micro-batch (gradient accumulation; see
+        :func:`gradreg.engine.gr_direction`). With a ``scaler``, ``.grad`` holds the scaled direction (unscale it
+        with ``scaler.unscale_(opt.base_optimizer)`` before clipping). Returns ``None`` when the step was skipped.
         """
         if closure is None:
             raise TypeError("GR needs a closure that returns the loss: optimizer.step(lambda: loss_fn(model(x), y))")
+        scale = 1.0 if scaler is None or not scaler.is_enabled() else _loss_scale(scaler, self.param_groups)
         try:
             return gr_direction(closure, self._groups(), method=self.method, perturbation=self.perturbation,
-                                adaptive_eta=self.adaptive_eta, buffer=self.buffer)
+                                adaptive_eta=self.adaptive_eta, buffer=self.buffer, loss_scale=scale, ddp=self.ddp,
+                                local_perturbation=self.local_perturbation)
         except NonFiniteError:
-            if self.on_nonfinite == "raise":
+            if scale != 1.0:  # an overflow of the scaled gradients: the scaler backs off, as in a plain step
+                _record_overflow(scaler, self.base_optimizer)
+            elif self.on_nonfinite == "raise":
                 raise
             self.skipped_steps += 1
             return None
 
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor | None:  # type: ignore[override]
         """One GR step: the engine's direction into ``.grad``, then the base optimizer's step.
 
-        Returns the loss at θ before the step, or ``None`` if the step was skipped (``on_nonfinite="skip"``).
+        With a ``torch.amp.GradScaler``: every pass back-propagates the scaled loss, the perturbation uses the
+        unscaled gradient, and ``scaler.step(base_optimizer)`` unscales and steps — or skips the step when any pass
+        overflowed (everything is restored; ``scaler.update()``, called by you afterwards as usual, backs off).
+        Returns the loss at θ before the step, or ``None`` if the step was skipped.
         """
         if closure is None:
             raise TypeError(
                 "GR.step() needs a closure that runs the forward pass and returns the loss (without calling "
                 "backward), e.g. optimizer.step(lambda: loss_fn(model(x), y))"
             )
-        loss = self.direction(closure)
-        if loss is not None:
+        loss = self.direction(closure, scaler=scaler)
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(self.base_optimizer)
+        elif loss is not None:
             self.base_optimizer.step()
         return loss
 
