@@ -194,7 +194,7 @@ class Replay:
             _set_rng_state(self.rng_after_first)
         self.handle.remove()
 
-    def rollback(self, exc: BaseException | None = None, where: str = "") -> None:
+    def rollback(self, exc: BaseException | None = None, where: str = "", hint: str = "") -> None:
         """Failure: parameters, ``.grad``, running statistics and generators exactly as before the step."""
         self.frozen.clear()
         self.end_pass()
@@ -205,4 +205,4 @@ class Replay:
         _set_rng_state(self.rng_start)
         self.handle.remove()
         if exc is not None:
-            annotate(exc, f"gradreg: raised {where}; parameters, .grad, running statistics and RNG were restored.")
+            annotate(exc, f"gradreg: raised {where}; parameters, .grad, running statistics and RNG were restored.{hint}")

@@ -228,7 +228,7 @@ def gr_direction(closure: Callable[[], Tensor] | Sequence[Callable[[], Tensor]],
             hint = (" An operation in the model has no double backward (fused attention kernels, cuDNN RNNs, ...): "
                     "method='forward' needs first-order gradients only.")
         index = max(replay.passes, 1)
-        replay.rollback(exc, f"in pass {index} ({pass_name(method, index)}) of method {method!r}.{hint}")
+        replay.rollback(exc, f"in pass {index} ({pass_name(method, index)}) of method {method!r}", hint)
         raise
     with record_function("gradreg:restore"):
         replay.close()
