@@ -205,4 +205,5 @@ class Replay:
         _set_rng_state(self.rng_start)
         self.handle.remove()
         if exc is not None:
-            annotate(exc, f"gradreg: raised {where}; parameters, .grad, running statistics and RNG were restored.{hint}")
+            annotate(exc, f"gradreg: raised {where}; parameters, .grad, running statistics and RNG were restored."
+                          + hint)

@@ -74,8 +74,8 @@ def _worker(rank: int, store: str, out: str) -> None:
         explicit.clear()
         for _ in range(STEPS):
             n = half // micro
-            closures = [lambda i=i: loss(ddp, x[i * n:(i + 1) * n], y[i * n:(i + 1) * n], 1 / micro)
-                        for i in range(micro)]
+            closures = [lambda xs=x[i * n:(i + 1) * n], ys=y[i * n:(i + 1) * n], net=ddp, share=1 / micro:
+                        loss(net, xs, ys, share) for i in range(micro)]
             opt.step(closures if micro > 1 else closures[0])
         results[name] = {"params": [p.detach().clone() for p in ddp.module.parameters()],
                          "all_reduces": (len(hooked) + len(explicit)) / STEPS}

@@ -170,7 +170,7 @@ def test_bf16_autocast_runs_every_method():
         model = smooth_mlp().float()
         optimizer = optimizer_for(model, method)
 
-        def closure():
+        def closure(model=model):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return nn.functional.cross_entropy(model(x.float()), y)
 
