@@ -13,11 +13,11 @@ stencil of :mod:`gradreg.methods` (c = γ/ε, δ the perturbation):
 (``"adaptive"``: ASAM). All passes of a step run in one :class:`gradreg._replay.Replay`: same dropout masks,
 running statistics updated once, the closure's manners checked, and everything restored if a pass fails.
 
-For speed: g lives in ``.grad``, scaled once to (1 − cΣw)·g (central: no scaling; F-GR with γ = ε: g is freed,
-one buffer less); pass j back-propagates the seed c·w_j, so its gradient accumulates into ``.grad`` weighted;
-the perturbed point is one buffer swapped in for θ, which is never written. Groups with different c: .grad ←
-((1 − c_kΣw)/c_k)·g, seeds w_j, then ×c_k. Finiteness is checked once, on d, which every pass's non-finite
-values reach; the failing pass is looked for only when that check fails.
+For speed, every coefficient rides on a backward seed: pass 1 back-propagates (1 − cΣw)·L, so ``.grad`` holds
+(1 − cΣw)·g at once (F-GR with γ = ε: g is freed instead, one buffer less), and pass j back-propagates c·w_j·L,
+so its gradient accumulates into ``.grad`` already weighted; the perturbed point is one buffer swapped in for θ,
+which is never written. Groups with different c: .grad ← ((1 − c_kΣw)/c_k)·g, seeds w_j, then ×c_k. Finiteness
+is checked once, on d, which every pass's non-finite values reach; the failing pass is looked for only then.
 """
 
 from __future__ import annotations
@@ -79,29 +79,30 @@ def _finite_differences(groups: list[ParamGroup], replay: Replay, perturbation: 
     """The stencil d = (1 − cΣw) g + c Σ_j w_j ∇L(θ + s_j δ) into ``.grad`` (see the module docstring)."""
     params, stencil = replay.params, STENCILS[method]
     active = [group for group in groups if group.gamma != 0]
+    c = [group.gamma / group.eps for group in active]
+    weight_g = [1.0 - c_k * sum(w for _, w in stencil) for c_k in c]  # the weight of g in d, per group
+    shared = len(set(c)) == 1 and len(active) == len(groups)  # one c for all: the seeds do all the weighing
+    seed = weight_g[0] if shared and weight_g[0] != 0.0 else 1.0  # pass 1 writes (1 − cΣw)·g into .grad
     with record_function("gradreg:pass1"):  # g, all-reduced unless each worker perturbs with its own
-        losses = [replay.run_pass(params, sync=not (local and active))]
+        losses = [replay.run_pass(params, seed, sync=not (local and active))]
     grads = _materialize(params)
     if not active:
         return losses, grads, [], None
     if replay.ddp is not None and len(active) < len(groups):
         raise ValueError("with ddp, every parameter group needs gamma > 0 (DDP waits for every gradient)")
-    c = [group.gamma / group.eps for group in active]
-    shared = len(set(c)) == 1
     inputs = [p for group in active for p in group.params]
     with record_function("gradreg:perturb"):
         out = None if buffer is None else [kept(buffer, p) for p in params]
-        point = perturbed_point(groups, replay.data, grads, stencil[0][0], perturbation, eta, out, replay.loss_scale)
+        point = perturbed_point(groups, replay.data, grads, stencil[0][0], perturbation, eta, out,
+                                replay.loss_scale * seed)
         g_flags = []  # g's finiteness where d does not carry g
-        for group, c_k in zip(active, c):
-            factor = 1.0 - c_k * sum(w for _, w in stencil)  # the weight of g in d
-            factor = factor if shared else factor / c_k
-            if shared and factor == 0.0:  # d = Σ_j w_j ∇L(θ + s_j δ): free g before the perturbed pass
-                g_flags.append(torch.stack([p.grad.isfinite().all() for p in group.params]).all())
-                for p in group.params:
-                    p.grad = None
-            elif factor != 1.0:
-                torch._foreach_mul_([p.grad for p in group.params], factor)
+        if shared and weight_g[0] == 0.0:  # d = Σ_j w_j ∇L(θ + s_j δ): free g before the perturbed pass
+            g_flags.append(torch.stack([g.isfinite().all() for g in grads]).all())
+            for p in params:
+                p.grad = None
+        if not shared:  # .grad ← (a_k/c_k)·g per group; the perturbed passes add w_j ∇L_j; then ×c_k
+            for group, c_k, a_k in zip(active, c, weight_g):
+                torch._foreach_mul_([p.grad for p in group.params], a_k / c_k)
     for j, (sign, weight) in enumerate(stencil):
         if j:  # θ + s_j δ from θ + s_0 δ, through θ (central: the reflection θ − δ)
             torch._foreach_lerp_(point, replay.data, 1.0 - sign / stencil[0][0])
