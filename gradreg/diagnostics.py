@@ -48,13 +48,19 @@ def loglog_slope(x: Iterable[float], y: Iterable[float]) -> float:
 
 
 def autograd_graph_size(output: Tensor) -> int:
-    """Number of distinct autograd nodes reachable from ``output.grad_fn`` (the work one backward pass visits)."""
+    """Number of distinct autograd nodes reachable from ``output.grad_fn`` (the work one backward pass visits).
+
+    Python wrappers of autograd nodes are made on access and die with their last reference, and Python reuses the
+    ``id`` of a dead object; so every wrapper visited is kept alive (in ``visited``) while ids are compared.
+    """
+    visited: list[object] = []  # keeps each wrapper alive, so the same node keeps its wrapper and its id
     seen: set[int] = set()
     stack = [output.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
+        visited.append(node)
         seen.add(id(node))
         stack.extend(next_node for next_node, _ in node.next_functions)
     return len(seen)

@@ -10,20 +10,22 @@ measure *before* calling: in training mode BatchNorm normalizes with the batch s
 masks, in eval mode BatchNorm uses its running statistics and dropout is off — two different functions with two
 different Hessians. :func:`top_eigenvalue` keeps a training-mode function fixed across its many calls: it
 replays the same random numbers in every call (same dropout masks) and stops normalization layers from updating
-their running statistics, so measuring leaves the model, its buffers and the RNG as they were.
+their running statistics (:class:`gradreg._replay.Replay`, the step context the GR engine uses too), so measuring
+leaves the model, its buffers, ``.grad`` and the RNG as they were.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.modules.module import register_module_forward_pre_hook
+
+from gradreg._checks import as_params
+from gradreg._replay import Replay
 
 
 def _as_list(tensors: Sequence[Tensor] | Tensor) -> list[Tensor]:
@@ -51,39 +53,6 @@ def hvp(closure: Callable[[], Tensor], params: Sequence[Tensor], v: Sequence[Ten
         dot = sum((g * u).sum() for g, u in pairs)
         hv = torch.autograd.grad(dot, params, allow_unused=True)
     return [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, params)]
-
-
-@contextlib.contextmanager
-def same_function() -> Iterator[Callable[[], None]]:
-    """Inside: call ``replay()`` before each evaluation to get the same function every time.
-
-    ``replay()`` restores the CPU and CUDA random-number state saved on entry (same dropout masks); while inside,
-    normalization layers in training mode use their batch statistics but do not update their running ones. On
-    exit the RNG state is put back as it was on entry.
-    """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    cpu_state = torch.get_rng_state()
-    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
-    frozen: list[torch.nn.Module] = []
-
-    def pre_hook(module: torch.nn.Module, args: object) -> None:
-        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
-            module.track_running_stats = False
-            frozen.append(module)
-
-    def replay() -> None:
-        torch.set_rng_state(cpu_state)
-        for d, state in zip(devices, cuda_states):
-            torch.cuda.set_rng_state(state, d)
-
-    handle = register_module_forward_pre_hook(pre_hook)
-    try:
-        yield replay
-    finally:
-        handle.remove()
-        for module in frozen:
-            module.track_running_stats = True
-        replay()
 
 
 @dataclass(frozen=True)
@@ -115,40 +84,63 @@ def top_eigenvalue(
     v_{k+1} = H v_k/‖H v_k‖ and λ_k = v_kᵀ H v_k (the Rayleigh quotient, which carries the sign). It stops
     when abs(λ_k − λ_{k−1}) ≤ tol·abs(λ_k) or after ``iters`` products. Power iteration finds the eigenvalue of
     largest absolute value: near a minimum that is the top ("sharpness") eigenvalue, but where a negative
-    eigenvalue dominates the result is negative. It converges like (λ₂/λ₁)^{2k}; ``converged=False`` says the tolerance was not reached (e.g. when
-    λ and −λ are both eigenvalues of the largest magnitude).
+    eigenvalue dominates the result is negative. It converges like (λ₂/λ₁)^{2k}; ``converged=False`` says the
+    tolerance was not reached (e.g. when λ and −λ are both eigenvalues of the largest magnitude).
 
-    The closure is evaluated once per iteration as the same function (same dropout masks, BatchNorm running
-    statistics untouched; see :func:`same_function`), and the RNG is left as it was.
+    The closure is evaluated once per iteration as the same function, in a :class:`gradreg._replay.Replay`
+    (same dropout masks; running statistics of every normalization layer, InstanceNorm included, untouched;
+    ``.grad`` untouched), and the RNG is left as it was. ``iters`` ≥ 1, ``tol`` ≥ 0, and ``v0`` has one finite,
+    not-all-zero tensor per parameter, shaped like it.
     """
-    params = [p for p in _as_list(params) if p.requires_grad]
+    params = [p for p in as_params(_as_list(params)) if p.requires_grad]
     if not params:
         raise ValueError("params: no parameter requires grad")
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    if isinstance(tol, bool) or not isinstance(tol, Real) or not tol >= 0 or not math.isfinite(tol):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    v = _start_vector(params, seed, v0)
+    replay = Replay(params, replay_first=True)
+    try:
+        result = _power_iteration(lambda: replay.evaluate(closure), replay, params, v, iters, tol)
+    except BaseException as exc:
+        replay.rollback(exc, f"in power iteration {replay.passes}")
+        raise
+    replay.close(keep_grads=False)
+    return result
+
+
+def _start_vector(params: list[Tensor], seed: int, v0: Sequence[Tensor] | None) -> list[Tensor]:
     if v0 is None:
         generator = torch.Generator().manual_seed(seed)
         v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
     else:
         v = [u.detach().clone() for u in _as_list(v0)]
+        if len(v) != len(params) or any(u.shape != p.shape for u, p in zip(v, params)):
+            raise ValueError(f"v0 must have one tensor per parameter, shaped like it: got shapes "
+                             f"{[tuple(u.shape) for u in v]} for {[tuple(p.shape) for p in params]}")
     norm = torch.sqrt(_dot(v, v))
     if not torch.isfinite(norm) or norm == 0:
-        raise ValueError("the start vector must be finite and non-zero")
-    v = [u / norm for u in v]
+        raise ValueError("v0: the start vector must be finite and not all zero")
+    return [u / norm for u in v]
+
+
+def _power_iteration(closure: Callable[[], Tensor], replay: Replay, params: list[Tensor], v: list[Tensor],
+                     iters: int, tol: float) -> TopEigen:
+    """v_{k+1} = H v_k / ‖H v_k‖, λ_k = v_kᵀ H v_k, until abs(λ_k − λ_{k−1}) ≤ tol·abs(λ_k) or ``iters`` products."""
     value, previous, converged, k = math.nan, math.nan, False, 0
-    with same_function() as replay:
-        for k in range(1, iters + 1):
-            replay()
-            hv = hvp(closure, params, v)
-            value = float(_dot(v, hv))
-            norm = torch.sqrt(_dot(hv, hv))
-            if not math.isfinite(value) or not torch.isfinite(norm):
-                raise FloatingPointError(f"non-finite Hessian-vector product in power iteration {k}")
-            if norm == 0:  # v is in the null space: H v = 0 and the eigenvalue found is 0
-                return TopEigen(0.0, v, k, True)
-            if abs(value - previous) <= tol * abs(value):
-                converged = True
-                break
-            previous = value
-            v = [h / norm for h in hv]
+    for k in range(1, iters + 1):
+        hv = hvp(closure, params, v)
+        replay.end_pass()
+        value = float(_dot(v, hv))
+        norm = torch.sqrt(_dot(hv, hv))
+        if not math.isfinite(value) or not torch.isfinite(norm):
+            raise FloatingPointError(f"non-finite Hessian-vector product in power iteration {k}")
+        if norm == 0:  # v is in the null space: H v = 0 and the eigenvalue found is 0
+            return TopEigen(0.0, v, k, True)
+        if abs(value - previous) <= tol * abs(value):
+            converged = True
+            break
+        previous = value
+        v = [h / norm for h in hv]
     return TopEigen(value, v, k, converged)

@@ -9,15 +9,80 @@ and lets the base optimizer step with it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradreg.engine import NonFiniteError, ParamGroup, check_config, gr_direction
+from gradreg._checks import check_config
+from gradreg.engine import NonFiniteError, ParamGroup, gr_direction
+
+Closure = Callable[[], Tensor] | Sequence[Callable[[], Tensor]]
 
 ON_NONFINITE = ("raise", "skip")
+SETTINGS = ("method", "perturbation", "adaptive_eta", "on_nonfinite", "skipped_steps", "local_perturbation")
+
+
+def _refuse_unsuitable(base_optimizer: object) -> None:
+    """GR needs a torch optimizer whose step() uses the dense .grad it is given, once."""
+    if not isinstance(base_optimizer, Optimizer):
+        raise TypeError(
+            f"base_optimizer must be a torch.optim.Optimizer instance, got {type(base_optimizer).__name__}: "
+            "build it first, e.g. GR(torch.optim.SGD(model.parameters(), lr=0.1), gamma=..., eps=...)"
+        )
+    if isinstance(base_optimizer, torch.optim.SparseAdam):
+        raise TypeError("base_optimizer: SparseAdam needs sparse gradients, and GR directions are dense; use Adam")
+    closure = inspect.signature(type(base_optimizer).step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"base_optimizer: {type(base_optimizer).__name__}.step needs a closure of its own (it re-evaluates the "
+            "loss, as LBFGS does); GR gives its base optimizer a finished direction in .grad. Use a first-order "
+            "optimizer (SGD, Adam, AdamW, ...)"
+        )
+    if getattr(base_optimizer, "_wrapped_by_gradreg", False):
+        # The groups already carry the first wrapper's gamma/eps, which would silently win over new ones.
+        raise ValueError(
+            "base_optimizer is already wrapped by a gradreg.GR: build a fresh base optimizer for a second "
+            "configuration, or change gamma/eps in optimizer.param_groups"
+        )
+
+
+def _loss_scale(scaler: torch.amp.GradScaler, groups: list[dict[str, Any]]) -> float:
+    """The scaler's current scale (initialised on the parameters' device, as ``scaler.scale(loss)`` would)."""
+    device = next(p.device for group in groups for p in group["params"])
+    scaler.scale(torch.zeros((), device=device))
+    return float(scaler.get_scale())
+
+
+def _record_overflow(scaler: torch.amp.GradScaler, base: Optimizer) -> None:
+    """Let ``scaler`` see an overflow for ``base`` (so that ``scaler.step`` skips and ``scaler.update`` backs off),
+    through its own ``unscale_`` on a stand-in gradient; every ``.grad`` is put back untouched."""
+    params = [p for group in base.param_groups for p in group["params"]]
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    smallest = min((p for p in params if p.requires_grad), key=torch.Tensor.numel)
+    smallest.grad = torch.full_like(smallest, float("inf"))
+    try:
+        scaler.unscale_(base)
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    if not set(settings) <= set(SETTINGS):
+        raise ValueError(f"state_dict['gr'] may have the keys {SETTINGS}; got {tuple(settings)}")
+    if settings.get("on_nonfinite", "raise") not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}; got {settings['on_nonfinite']!r}")
+    if not isinstance(settings.get("local_perturbation", False), bool):
+        raise ValueError(f"local_perturbation must be True or False; got {settings['local_perturbation']!r}")
+    skipped = settings.get("skipped_steps", 0)
+    if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+        raise ValueError(f"skipped_steps must be an integer >= 0; got {skipped!r}")
 
 
 class GR(Optimizer):
@@ -32,14 +97,25 @@ class GR(Optimizer):
         method: ``"forward"`` (F-GR), ``"backward"`` (B-GR), ``"central"`` or ``"double"`` (exact, double
             backprop); see :func:`gradreg.gr_grad`.
         perturbation: ``"raw"`` (ε g), ``"normalized"`` (ε g/‖g‖, the SAM/GNP family) or ``"adaptive"`` (ASAM).
-        adaptive_eta: η in ASAM's T = |θ| + η (``perturbation="adaptive"`` only).
+        adaptive_eta: η ≥ 0 in ASAM's T = |θ| + η (``perturbation="adaptive"`` only).
         on_nonfinite: ``"raise"`` a :class:`gradreg.NonFiniteError`, or ``"skip"`` the step (count it in
             ``skipped_steps``) when a pass yields a non-finite loss or gradient. Either way nothing changes.
+        keep_buffer: keep the buffer of the perturbed point between steps instead of allocating it in every
+            step: no allocation and no page faults per step, at the price of one parameter-sized buffer held
+            between steps too (the peak during a step is the same).
+        ddp: the ``DistributedDataParallel`` module the closure calls. Gradients are then synchronised where the
+            mathematics needs it and nowhere else: by default the perturbation uses the all-reduced gradient
+            (a DDP step equals the single-process step on the concatenated batch; two all-reduces per step);
+        local_perturbation: with ``ddp``, each worker perturbs with its own gradient instead (SAM's
+            m-sharpness; one all-reduce per step, as for SGD).
 
-    ``param_groups`` and ``state`` are the base optimizer's own, so LR schedulers, per-group learning rates and
-    ``state_dict``/``load_state_dict`` (which also restore ``gamma``/``eps`` per group) work as usual.
-    For gradient clipping, split the step: ``loss = opt.direction(closure)``, clip ``.grad``, then
-    ``opt.base_optimizer.step()``.
+    ``param_groups`` and ``state`` are the base optimizer's own, and ``defaults`` include the base optimizer's, so
+    every torch LR scheduler, per-group learning rates and ``state_dict``/``load_state_dict`` (which also
+    restore ``gamma``/``eps`` per group) work as usual. Groups whose parameters are all frozen are skipped; a
+    parameter may appear in one group only, once. For gradient clipping, split the step:
+    ``loss = opt.direction(closure)``, clip ``.grad``, then ``opt.base_optimizer.step()``.
+    Base optimizers that re-evaluate a closure themselves (LBFGS) or need sparse gradients (SparseAdam) are
+    refused.
     """
 
     def __init__(
@@ -52,29 +128,33 @@ class GR(Optimizer):
         perturbation: str = "raw",
         adaptive_eta: float = 0.01,
         on_nonfinite: str = "raise",
+        keep_buffer: bool = False,
+        ddp: torch.nn.Module | None = None,
+        local_perturbation: bool = False,
     ):
-        if not isinstance(base_optimizer, Optimizer):
-            raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer instance, got {type(base_optimizer).__name__}"
-            )
-        check_config(gamma, eps, method, perturbation)
+        _refuse_unsuitable(base_optimizer)
+        gamma, eps = check_config(gamma, eps, method, perturbation, adaptive_eta)
+        for i, group in enumerate(base_optimizer.param_groups):
+            check_config(group.get("gamma", gamma), group.get("eps", eps), method, perturbation,
+                         where=f" (param group {i})")
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}; got {on_nonfinite!r}")
+        if ddp is not None and not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            raise TypeError(f"ddp must be the DistributedDataParallel module the closure calls, got "
+                            f"{type(ddp).__name__}")
+        if not isinstance(local_perturbation, bool) or (local_perturbation and ddp is None):
+            raise ValueError("local_perturbation must be True or False, and True only together with ddp=")
         if not any(p.requires_grad for group in base_optimizer.param_groups for p in group["params"]):
             raise ValueError("base_optimizer: no parameter requires grad; nothing to regularize")
-        if getattr(base_optimizer, "_wrapped_by_gradreg", False):
-            # The groups already carry the first wrapper's gamma/eps, which would silently win over these.
-            raise ValueError(
-                "base_optimizer is already wrapped by a gradreg.GR: build a fresh base optimizer for a second "
-                "configuration, or change gamma/eps in optimizer.param_groups"
-            )
         self.base_optimizer = base_optimizer
         self.method = method
         self.perturbation = perturbation
-        self.adaptive_eta = adaptive_eta
+        self.adaptive_eta = float(adaptive_eta)
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
-        super().__init__(base_optimizer.param_groups, {"gamma": gamma, "eps": eps})
+        self.buffer: dict[Tensor, Tensor] | None = {} if keep_buffer else None
+        self.ddp, self.local_perturbation = ddp, local_perturbation
+        super().__init__(base_optimizer.param_groups, {**base_optimizer.defaults, "gamma": gamma, "eps": eps})
         base_optimizer._wrapped_by_gradreg = True
 
     # The ascent–descent family as configurations of the one engine (Chapter 4).
@@ -121,53 +201,58 @@ class GR(Optimizer):
         pass
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer (unless it is already there) with this GR's defaults."""
+        """Add a group to the base optimizer (unless it is already there) with this GR's ``gamma``/``eps``
+        defaults; the group is checked before anything changes."""
+        check_config(param_group.get("gamma", self.defaults["gamma"]), param_group.get("eps", self.defaults["eps"]),
+                     self.method, self.perturbation)
         if not any(param_group is group for group in self.base_optimizer.param_groups):
             self.base_optimizer.add_param_group(param_group)
-        for name, default in self.defaults.items():
-            param_group.setdefault(name, default)
-        check_config(param_group["gamma"], param_group["eps"], self.method, self.perturbation)
+        param_group.setdefault("gamma", self.defaults["gamma"])
+        param_group.setdefault("eps", self.defaults["eps"])
 
     def _groups(self) -> list[ParamGroup]:
-        return [
-            ParamGroup(
-                [p for p in group["params"] if p.requires_grad],
-                group.get("gamma", self.defaults["gamma"]),
-                group.get("eps", self.defaults["eps"]),
-            )
-            for group in self.param_groups
-        ]
+        return [ParamGroup(group["params"], group.get("gamma", self.defaults["gamma"]),
+                           group.get("eps", self.defaults["eps"])) for group in self.param_groups]
 
-    def direction(self, closure: Callable[[], Tensor]) -> Tensor | None:
+    def direction(self, closure: Closure, *, scaler: torch.amp.GradScaler | None = None) -> Tensor | None:
         """Fill ``.grad`` with the GR direction and return the loss at θ, without stepping.
 
-        Returns ``None`` when ``on_nonfinite="skip"`` skipped this step.
+        ``closure`` may be a list of closures, one per micro-batch (gradient accumulation; see
+        :func:`gradreg.engine.gr_direction`). With a ``scaler``, ``.grad`` holds the scaled direction (unscale it
+        with ``scaler.unscale_(opt.base_optimizer)`` before clipping). Returns ``None`` when the step was skipped.
         """
         if closure is None:
             raise TypeError("GR needs a closure that returns the loss: optimizer.step(lambda: loss_fn(model(x), y))")
+        scale = 1.0 if scaler is None or not scaler.is_enabled() else _loss_scale(scaler, self.param_groups)
         try:
-            return gr_direction(
-                closure, self._groups(), method=self.method, perturbation=self.perturbation,
-                adaptive_eta=self.adaptive_eta,
-            )
+            return gr_direction(closure, self._groups(), method=self.method, perturbation=self.perturbation,
+                                adaptive_eta=self.adaptive_eta, buffer=self.buffer, loss_scale=scale, ddp=self.ddp,
+                                local_perturbation=self.local_perturbation)
         except NonFiniteError:
-            if self.on_nonfinite == "raise":
+            if scale != 1.0:  # an overflow of the scaled gradients: the scaler backs off, as in a plain step
+                _record_overflow(scaler, self.base_optimizer)
+            elif self.on_nonfinite == "raise":
                 raise
             self.skipped_steps += 1
             return None
 
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor | None:  # type: ignore[override]
         """One GR step: the engine's direction into ``.grad``, then the base optimizer's step.
 
-        Returns the loss at θ before the step, or ``None`` if the step was skipped (``on_nonfinite="skip"``).
+        With a ``torch.amp.GradScaler``: every pass back-propagates the scaled loss, the perturbation uses the
+        unscaled gradient, and ``scaler.step(base_optimizer)`` unscales and steps — or skips the step when any pass
+        overflowed (everything is restored; ``scaler.update()``, called by you afterwards as usual, backs off).
+        Returns the loss at θ before the step, or ``None`` if the step was skipped.
         """
         if closure is None:
             raise TypeError(
                 "GR.step() needs a closure that runs the forward pass and returns the loss (without calling "
                 "backward), e.g. optimizer.step(lambda: loss_fn(model(x), y))"
             )
-        loss = self.direction(closure)
-        if loss is not None:
+        loss = self.direction(closure, scaler=scaler)
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(self.base_optimizer)
+        elif loss is not None:
             self.base_optimizer.step()
         return loss
 
@@ -177,26 +262,30 @@ class GR(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (its groups carry ``gamma``/``eps``) plus this wrapper's settings."""
         state = self.base_optimizer.state_dict()
-        state["gr"] = {
-            "method": self.method,
-            "perturbation": self.perturbation,
-            "adaptive_eta": self.adaptive_eta,
-            "on_nonfinite": self.on_nonfinite,
-            "skipped_steps": self.skipped_steps,
-        }
+        state["gr"] = {name: getattr(self, name) for name in SETTINGS}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` (or a plain base optimizer's); everything is checked before anything changes."""
         state_dict = dict(state_dict)
         settings = state_dict.pop("gr", None)
-        self.base_optimizer.load_state_dict(state_dict)
+        current = {name: getattr(self, name) for name in SETTINGS}
         if settings is not None:
-            check_config(self.defaults["gamma"], self.defaults["eps"], settings["method"], settings["perturbation"])
-            self.method = settings["method"]
-            self.perturbation = settings["perturbation"]
-            self.adaptive_eta = settings["adaptive_eta"]
-            self.on_nonfinite = settings["on_nonfinite"]
-            self.skipped_steps = settings["skipped_steps"]
+            _check_settings(settings)
+        merged = {**current, **(settings or {})}
+        for i, group in enumerate(state_dict.get("param_groups", [])):
+            check_config(group.get("gamma", self.defaults["gamma"]), group.get("eps", self.defaults["eps"]),
+                         merged["method"], merged["perturbation"], merged["adaptive_eta"],
+                         where=f" (param group {i})")
+        self.base_optimizer.load_state_dict(state_dict)
+        for name, value in merged.items():
+            setattr(self, name, value)
+
+    def __getstate__(self) -> dict[str, Any]:  # copy and pickle the wrapper whole (torch's keeps 3 fields)
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (

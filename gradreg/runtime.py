@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 FULL_ENV = "GRADREG_FULL"
+CHECK_FIGURES_ENV = "GRADREG_CHECK_FIGURES"
 MAX_THREADS = 4
 CACHE_ENV = "GRADREG_CACHE"
 _TRUE = {"1", "true", "yes", "on"}
@@ -99,8 +100,51 @@ def setup(seed: int = 0, *, style: bool = True, threads: int | None = None) -> S
         from gradreg.plotting import use_style
 
         use_style()
+    if os.environ.get(CHECK_FIGURES_ENV, "").strip().lower() in _TRUE:
+        _check_figures_after_each_cell()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Setup(device=device, full=full_size(), seed=seed, threads=torch.get_num_threads())
+
+
+def unlabelled_axes(figure: Any) -> list[str]:
+    """The axes of a matplotlib ``figure`` that show data without an x or y label. An axis label may come from
+    the axes, a figure-level ``supxlabel``/``supylabel``, or an axes it shares that axis with; axes turned off
+    (drawings) and colour bars are exempt."""
+    problems = []
+    for index, ax in enumerate(figure.axes):
+        if not ax.axison or ax.get_label() == "<colorbar>":
+            continue
+        for axis, sup, shared in (("x", figure._supxlabel, ax.get_shared_x_axes()),
+                                  ("y", figure._supylabel, ax.get_shared_y_axes())):
+            label = getattr(ax, f"get_{axis}label")
+            if not (label() or sup or any(getattr(s, f"get_{axis}label")() for s in shared.get_siblings(ax))):
+                problems.append(f"axes {index} ('{ax.get_title()}') has no {axis} label")
+    return problems
+
+
+def _check_figures_after_each_cell() -> None:
+    """In a notebook kernel, after each cell and before the figures are shown: fail if a figure has an unlabelled
+    axis. On when ``GRADREG_CHECK_FIGURES=1`` (the test suite sets it); a no-op outside IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or getattr(shell, "_gradreg_checks_figures", False):
+        return
+
+    def check() -> None:
+        import matplotlib.pyplot as plt
+
+        bad = {n: unlabelled_axes(plt.figure(n)) for n in plt.get_fignums()}
+        problems = [f"figure {n}: {p}" for n, found in bad.items() for p in found]
+        for n in (n for n, found in bad.items() if found):
+            plt.close(n)  # reported once, in the cell that drew it
+        if problems:
+            raise AssertionError("gradreg: every axis that shows data needs a label: " + "; ".join(problems))
+
+    shell.events.callbacks["post_execute"].insert(0, check)  # before the inline backend shows and closes figures
+    shell._gradreg_checks_figures = True
 
 
 def progress(iterable: Iterable[T], *, enabled: bool | None = None, **kwargs: Any) -> Iterable[T]:

@@ -27,13 +27,24 @@ def cnn(seed: int = 0) -> nn.Module:
     ).double()
 
 
+def inorm(seed: int = 0) -> nn.Module:
+    """1-D CNN with InstanceNorm tracking running statistics, dropout, and a parameter the loss never uses."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1), nn.InstanceNorm1d(4, affine=True, track_running_stats=True), nn.Tanh(),
+        nn.Dropout(0.1), nn.Flatten(), nn.Linear(4 * 8, 3),
+    ).double()
+    model.register_parameter("unused", nn.Parameter(torch.ones(5, dtype=torch.float64)))
+    return model
+
+
 def batch(kind: str, seed: int = 1, n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    shape = (n, 6) if kind == "mlp" else (n, 2, 8, 8)
+    shape = {"mlp": (n, 6), "cnn": (n, 2, 8, 8), "inorm": (n, 2, 8)}[kind]
     return torch.randn(shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
-MODELS = {"mlp": mlp, "cnn": cnn}
+MODELS = {"mlp": mlp, "cnn": cnn, "inorm": inorm}
 
 
 def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -92,11 +92,22 @@ def _config() -> dict:
 # --------------------------------------------------------------------------------------------- the build
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _readers_environment() -> dict[str, str]:
+    """The environment of a reader who runs the README's build: no thread settings (the test command's
+    OMP_NUM_THREADS=1 is removed), the fast size, and no figure checks (those run under nbval)."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES and k != "GRADREG_CHECK_FIGURES"}
+    return dict(env, GRADREG_FULL="0", PYTHONHASHSEED="0")
+
+
 @pytest.fixture(scope="module")
 def book(tmp_path_factory) -> dict:
-    """Build the book once into a temporary folder; return the paths, the return code and the log."""
+    """Build the book once into a temporary folder, as the README's first command does (threads unset: every
+    chapter runs with the thread count ``gr.setup()`` picks on this machine); return paths, return code, log."""
     out = tmp_path_factory.mktemp("book")
-    env = dict(os.environ, GRADREG_FULL="0", PYTHONHASHSEED="0")
+    env = _readers_environment()
     cmd = [*_jupyter_book(), "build", "--all", "-W", "-n", "--keep-going", "--path-output", str(out), "."]
     start = time.perf_counter()
     proc = subprocess.run(
@@ -137,10 +148,23 @@ def test_mathjax_is_served_by_the_book(book):
     assert "cdn.jsdelivr.net" not in page, "the page still loads MathJax from a CDN"
 
 
+def test_chapters_ran_with_the_readers_thread_count(book):
+    """The build did not inherit the test command's OMP_NUM_THREADS=1: each chapter's setup cell reports the
+    thread count that gr.setup() picks for a reader of this machine (2 on CI's two cores)."""
+    probe = "import torch, gradreg.runtime as r; print(r.pick_threads())"
+    expected = subprocess.run([sys.executable, "-c", probe], env=_readers_environment(), capture_output=True,
+                              text=True, check=True).stdout.strip()
+    for chapter in CHAPTERS:
+        executed = book["out"] / "_build" / "jupyter_execute" / f"{chapter}.ipynb"
+        outputs = json.dumps(json.loads(executed.read_text())["cells"])
+        found = set(re.findall(r"threads=(\d+)", outputs))
+        assert found == {expected}, f"{chapter} ran with threads={found}, a reader's machine gives {expected}"
+
+
 def test_api_reference_is_generated_from_docstrings(book):
     page = (book["html"] / "book" / "api.html").read_text()
     # A function and a constant of each listed module, as autodoc renders them (id="module.name").
-    for anchor in ("gradreg.runtime.setup", "gradreg.runtime.full_size", "gradreg.plotting.METHOD_LABELS"):
+    for anchor in ("gradreg.runtime.setup", "gradreg.runtime.full_size", "gradreg.methods.LABELS"):
         assert f'id="{anchor}"' in page, f"{anchor} is not documented on the API page"
 
 

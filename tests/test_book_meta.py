@@ -58,6 +58,11 @@ def toc_files() -> list[str]:
     return files
 
 
+def _version() -> str:
+    """gradreg.__version__, read from the source (these checks import nothing)."""
+    return re.search(r'^__version__ = "([^"]+)"', (ROOT / "gradreg" / "__init__.py").read_text(), re.M).group(1)
+
+
 def _repo() -> tuple[str, str]:
     repo = _config()["repository"]
     return repo["url"], repo["branch"]
@@ -128,10 +133,10 @@ def test_repository_url_lives_in_one_place():
     texts = {p: p.read_text() for p in [*sorted((ROOT / "book").glob("*.md")), ROOT / "README.md"] if p.exists()}
     texts.update({p: p.read_text() for p in CHAPTER_FILES})
     for path, text in texts.items():
-        for found_url, found_branch in PIP_URL.findall(text):
-            assert (found_url, found_branch) == (url, branch), (
-                f"{path.relative_to(ROOT)}: installs from {found_url}@{found_branch}, "
-                f"but _config.yml says {url}@{branch}"
+        for found_url, found_ref in PIP_URL.findall(text):
+            assert found_url == url and found_ref in (branch, f"v{_version()}"), (
+                f"{path.relative_to(ROOT)}: installs from {found_url}@{found_ref}, but _config.yml says {url} "
+                f"and the ref must be the branch {branch!r} or this release's tag v{_version()}"
             )
         for found_repo, found_branch in COLAB_URL.findall(text):
             assert (found_repo, found_branch) == (owner_repo, branch), (
@@ -187,19 +192,47 @@ def test_chapter_kernelspec_is_python3(path):
 
 @pytest.mark.parametrize("path", CHAPTER_FILES, ids=lambda p: p.name)
 def test_chapter_bootstrap_cell(path):
-    url, branch = _repo()
+    """The bootstrap installs the release the chapter was executed with (tag v<__version__>), not a moving branch:
+    a release bumps __version__, re-executes the chapters and tags the commit."""
+    url, _ = _repo()
+    tag = f"v{_version()}"
     code_cells = [c for c in _notebook(path)["cells"] if c["cell_type"] == "code"]
     assert code_cells, f"{path.name} has no code cell"
     boot = code_cells[0]
     src = _source(boot)
     assert "pip install" in src, f"{path.name}: the first code cell must be the bootstrap cell (pip install gradreg)"
     found = PIP_URL.findall(src)
-    assert found == [(url, branch)], f"{path.name}: bootstrap installs {found}, expected [({url!r}, {branch!r})]"
-    assert f'"gradreg[book] @ git+{url}.git@{branch}"' in src, (
-        f'{path.name}: install "gradreg[book] @ git+{url}.git@{branch}" (quoted, with the [book] extra)'
+    assert found == [(url, tag)], f"{path.name}: bootstrap installs {found}, expected [({url!r}, {tag!r})]"
+    assert f'"gradreg[book] @ git+{url}.git@{tag}"' in src, (
+        f'{path.name}: install "gradreg[book] @ git+{url}.git@{tag}" (quoted, with the [book] extra)'
     )
     missing = {"nbval-skip", "remove-cell"} - _tags(boot)
     assert not missing, f"{path.name}: the bootstrap cell lacks the tags {sorted(missing)}"
+
+
+@pytest.mark.parametrize("path", CHAPTER_FILES, ids=lambda p: p.name)
+def test_chapter_asks_colab_for_a_gpu(path):
+    """Colab opens a chapter on the runtime its metadata asks for: a GPU, so that it runs at full size there."""
+    metadata = _notebook(path).get("metadata", {})
+    assert metadata.get("accelerator") == "GPU", f"{path.name}: notebook metadata needs \"accelerator\": \"GPU\""
+    assert metadata.get("colab", {}).get("gpuType"), f"{path.name}: notebook metadata needs colab.gpuType (e.g. T4)"
+
+
+@pytest.mark.parametrize("path", CHAPTER_FILES, ids=lambda p: p.name)
+def test_chapter_says_what_runs_at_which_size(path):
+    markdown = "\n".join(_source(c) for c in _notebook(path)["cells"][:4] if c["cell_type"] == "markdown")
+    assert "GRADREG_FULL" in markdown, f"{path.name}: the chapter's header must say what runs at which size " \
+        "(fast on a CPU, full on a GPU or with GRADREG_FULL=1)"
+
+
+def test_readme_commands_are_what_ci_runs():
+    """README's first code block: line 1 builds the book (threads unset), line 2 is the test command .ci/run runs."""
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    commands = [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert "jupyter-book build --all -W -n --keep-going ." in commands[0]
+    assert "NUM_THREADS" not in commands[0], "the book is built as a reader builds it: thread counts unset"
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line]
+    assert ci == [commands[1]], f".ci/run must run the README's test command verbatim: {commands[1]!r}"
 
 
 @pytest.mark.parametrize("path", CHAPTER_FILES, ids=lambda p: p.name)

@@ -32,3 +32,26 @@ def test_fd_errors_on_a_quartic_match_the_closed_form():
         assert abs(fwd - abs((plus - g) / eps - hg) / hg) < 1e-9
         assert abs(bwd - abs((g - minus) / eps - hg) / hg) < 1e-9
         assert abs(ctr - abs((plus - minus) / (2 * eps) - hg) / hg) < 1e-9
+
+
+def test_graph_size_agrees_with_an_identity_count_on_random_graphs():
+    """Random DAGs with shared nodes, against a count that keeps every node wrapper alive and compares identity."""
+    import random
+
+    def by_identity(out):
+        seen, stack = [], [out.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None and not any(node is s for s in seen):
+                seen.append(node)
+                stack.extend(n for n, _ in node.next_functions)
+        return len(seen)
+
+    for trial in range(10):
+        rng = random.Random(trial)
+        nodes = [torch.randn(3, requires_grad=True)]
+        for _ in range(40):
+            a, b = rng.choice(nodes), rng.choice(nodes)
+            nodes.append(rng.choice([lambda u, v: u * v, lambda u, v: u + v.sin(), lambda u, v: (u - v).tanh()])(a, b))
+        out = sum(n.sum() for n in nodes[-4:])
+        assert autograd_graph_size(out) == by_identity(out)

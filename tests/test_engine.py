@@ -164,8 +164,10 @@ def test_per_group_gamma_matches_g_plus_gamma_k_hg_k():
     assert torch.equal(params[2].grad, g[names[2]]) or torch.allclose(params[2].grad, g[names[2]], rtol=1e-13)
 
 
-def test_per_group_eps_uses_one_joint_step_and_per_group_coefficients():
-    """With ε_k per group the engine evaluates ∇L(θ + E g) once and combines with c_k = γ_k/ε_k."""
+@pytest.mark.parametrize("method", ["forward", "backward", "central"])
+def test_per_group_eps_uses_one_joint_step_and_per_group_coefficients(method):
+    """With ε_k per group the engine evaluates ∇L(θ + s_j E g) once per stencil row and combines with
+    c_k = γ_k/ε_k: d_k = (1 − c_kΣw) g_k + c_k Σ_j w_j ∇_k L(θ + s_j E g)."""
     model, closure, x, y = make("mlp")
     names = [n for n, _ in model.named_parameters()]
     params = list(model.parameters())
@@ -174,11 +176,13 @@ def test_per_group_eps_uses_one_joint_step_and_per_group_coefficients():
     gamma = {n: (0.1 if i < split else 0.04) for i, n in enumerate(names)}
     theta = params_of(model)
     g = reference_gradient(model, x, y, theta, SEED)
-    plus = reference_gradient(model, x, y, {k: theta[k] + eps[k] * g[k] for k in theta}, SEED)
-    expected = {k: g[k] + gamma[k] / eps[k] * (plus[k] - g[k]) for k in g}
+    at = {s: reference_gradient(model, x, y, {k: theta[k] + s * eps[k] * g[k] for k in theta}, SEED) for s in (1, -1)}
+    stencil = {"forward": [(1, 1.0)], "backward": [(-1, -1.0)], "central": [(1, 0.5), (-1, -0.5)]}[method]
+    expected = {k: (1 - gamma[k] / eps[k] * sum(w for _, w in stencil)) * g[k]
+                + gamma[k] / eps[k] * sum(w * at[s][k] for s, w in stencil) for k in g}
     groups = [ParamGroup(params[:split], 0.1, 0.05), ParamGroup(params[split:], 0.04, 0.2)]
     torch.manual_seed(SEED)
-    gr_direction(closure, groups, method="forward")
+    gr_direction(closure, groups, method=method)
     assert rel_err(grads_of(model), expected) <= 1e-12
 
 
@@ -242,9 +246,11 @@ FAILURES = [(m, k, how) for m, n in PASSES.items() for k in range(1, n + 1)
             for how in ["raise", "nan-loss", "inf-loss", "nan-grad", "non-scalar"]]
 
 
+@pytest.mark.parametrize("kind", ["mlp", "inorm"])
 @pytest.mark.parametrize(("method", "on", "how"), FAILURES)
-def test_a_failing_pass_leaves_everything_as_before(method, on, how):
-    model, closure, _, _ = make("mlp")
+def test_a_failing_pass_leaves_everything_as_before(kind, method, on, how):
+    """BatchNorm + dropout (mlp); InstanceNorm with running statistics + dropout + an unused parameter (inorm)."""
+    model, closure, _, _ = make(kind)
     optimizer = gr.GR(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), gamma=GAMMA, eps=0.05,
                       method=method)
     optimizer.step(closure)  # momentum buffers and .grad exist now
@@ -306,9 +312,11 @@ def test_closure_that_calls_backward_itself_is_explained():
         loss.backward()
         return loss
 
-    with pytest.raises(RuntimeError) as info:
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"closure changed \.grad .*remove .*loss\.backward\(\)") as info:
         gr.gr_grad(bad, model.parameters(), gamma=GAMMA, eps=0.1)
-    assert "without calling backward" in " ".join(info.value.__notes__)
+    assert "pass 1" in " ".join(info.value.__notes__)
+    assert_same(snapshot(model), before)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -357,7 +365,9 @@ def test_no_trainable_parameter_is_refused():
 
 def test_closure_must_return_a_differentiable_scalar_tensor():
     model, closure, _, _ = make("mlp")
-    with pytest.raises(TypeError, match="closure must return the loss as a scalar tensor, got float in pass 1"):
+    with pytest.raises(TypeError, match="closure must return the loss as a scalar tensor, got float") as info:
         gr.gr_grad(lambda: 1.0, model.parameters(), gamma=GAMMA, eps=0.1)
-    with pytest.raises(ValueError, match="does not require grad in pass 1"):
+    assert "pass 1 (gradient at θ)" in " ".join(info.value.__notes__)
+    with pytest.raises(ValueError, match="does not require grad") as info:
         gr.gr_grad(lambda: closure().detach(), model.parameters(), gamma=GAMMA, eps=0.1)
+    assert "pass 1 (gradient at θ)" in " ".join(info.value.__notes__)

@@ -185,3 +185,67 @@ def test_a_base_optimizer_wrapped_twice_is_refused():
     gr.GR(base, gamma=0.01, eps=0.01)
     with pytest.raises(ValueError, match="already wrapped by a gradreg.GR"):
         gr.GR(base, gamma=0.5, eps=0.5)
+
+
+def _schedulers(optimizer):
+    """One instance of every LR scheduler torch ships, built on ``optimizer`` (SGD with momentum underneath)."""
+    sched = torch.optim.lr_scheduler
+    return {
+        "LambdaLR": lambda: sched.LambdaLR(optimizer, lambda e: 0.9**e),
+        "MultiplicativeLR": lambda: sched.MultiplicativeLR(optimizer, lambda e: 0.95),
+        "StepLR": lambda: sched.StepLR(optimizer, step_size=2, gamma=0.5),
+        "MultiStepLR": lambda: sched.MultiStepLR(optimizer, milestones=[1, 3], gamma=0.5),
+        "ConstantLR": lambda: sched.ConstantLR(optimizer, factor=0.5, total_iters=2),
+        "LinearLR": lambda: sched.LinearLR(optimizer, start_factor=0.5, total_iters=3),
+        "ExponentialLR": lambda: sched.ExponentialLR(optimizer, gamma=0.9),
+        "PolynomialLR": lambda: sched.PolynomialLR(optimizer, total_iters=4, power=2.0),
+        "CosineAnnealingLR": lambda: sched.CosineAnnealingLR(optimizer, T_max=4),
+        "CosineAnnealingWarmRestarts": lambda: sched.CosineAnnealingWarmRestarts(optimizer, T_0=2),
+        "CyclicLR": lambda: sched.CyclicLR(optimizer, base_lr=0.01, max_lr=0.1, step_size_up=2),
+        "OneCycleLR": lambda: sched.OneCycleLR(optimizer, max_lr=0.1, total_steps=10),
+        "SequentialLR": lambda: sched.SequentialLR(
+            optimizer, [sched.ConstantLR(optimizer, factor=0.5, total_iters=2), sched.ExponentialLR(optimizer, 0.9)],
+            milestones=[2]),
+        "ChainedScheduler": lambda: sched.ChainedScheduler(
+            [sched.ConstantLR(optimizer, factor=0.5, total_iters=2), sched.ExponentialLR(optimizer, 0.9)]),
+        "ReduceLROnPlateau": lambda: sched.ReduceLROnPlateau(optimizer, patience=0, factor=0.5),
+    }
+
+
+SCHEDULERS = list(_schedulers(None))
+
+
+def test_every_torch_scheduler_is_listed():
+    import inspect
+
+    shipped = {name for name, cls in inspect.getmembers(torch.optim.lr_scheduler, inspect.isclass)
+               if cls.__module__.startswith("torch.optim") and not name.startswith("_") and name != "LRScheduler"
+               and (issubclass(cls, torch.optim.lr_scheduler.LRScheduler) or name == "ReduceLROnPlateau")}
+    assert shipped == set(SCHEDULERS)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_torch_lr_scheduler_drives_the_wrapper_as_it_drives_the_base(name):
+    """GR.defaults carry the base's defaults (momentum: OneCycleLR and CyclicLR cycle it), and the learning
+    rates and momenta a scheduler sets on the wrapper are exactly those it sets on a plain SGD."""
+    x, y = batch("mlp")
+    runs = {}
+    for wrapped in (False, True):
+        model = mlp()
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        optimizer = gr.GR(base, gamma=0.0, eps=0.1) if wrapped else base
+        scheduler = _schedulers(optimizer)[name]()
+        seen = []
+        torch.manual_seed(3)
+        for _ in range(6):
+            if wrapped:
+                loss = optimizer.step(lambda: loss_fn(model(x), y))
+            else:
+                optimizer.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+            scheduler.step(float(loss)) if name == "ReduceLROnPlateau" else scheduler.step()
+            seen.append([(g["lr"], g["momentum"]) for g in base.param_groups])
+        runs[wrapped] = seen
+    assert runs[True] == runs[False]

@@ -81,3 +81,23 @@ def test_setup_picks_a_capped_thread_count_and_keeps_an_explicit_one(monkeypatch
                 gr.setup(seed=0, style=False, threads=bad)
     finally:
         torch.set_num_threads(before)
+
+
+def test_unlabelled_axes_are_found_and_shared_or_figure_labels_count():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, sharey=True)
+    a.plot([1, 2])
+    b.plot([2, 1])
+    a.set_ylabel("loss")
+    a.set_xlabel("step")
+    assert runtime.unlabelled_axes(fig) == ["axes 1 ('') has no x label"]  # y is shared with a labelled axes
+    fig.supxlabel("step")
+    assert runtime.unlabelled_axes(fig) == []
+    drawing, ax = plt.subplots()
+    ax.set_axis_off()
+    assert runtime.unlabelled_axes(drawing) == []
+    plt.close("all")

@@ -1,0 +1,209 @@
+"""One step's context: the same function in every pass, and nothing lost when a pass fails.
+
+A GR step (and a power iteration on the Hessian) evaluates the closure several times, at θ and at perturbed
+points, and must differentiate the *same* function each time. :class:`Replay` makes that so and can undo it all:
+
+* **Random numbers.** The CPU and CUDA generator states are saved on entry and restored before every replayed
+  pass, so dropout draws the same masks; afterwards the generators continue from where the first pass left them
+  (a GR step consumes random numbers like one plain step) or, with ``replay_first=True``, from where they were.
+* **Running statistics.** Every module that keeps them (``_NormBase``: BatchNorm with momentum or cumulative
+  averages, SyncBatchNorm, LazyBatchNorm, InstanceNorm with ``track_running_stats=True``) is seen through a
+  global forward pre-hook. A replayed pass copies its buffers before the module runs and puts them back after the
+  pass, so the module normalizes with batch statistics exactly as in the first pass and its running statistics are
+  updated once per step. A custom module that updates buffers of its own in ``forward`` is not covered: make it a
+  ``_NormBase`` subclass, or keep its updates out of the closure.
+* **Perturbed points.** :meth:`Replay.swap_in` points each parameter's ``.data`` at a tensor of the perturbed
+  point; :meth:`Replay.end_pass` points it back at θ, whose storage is never written, so θ returns bit for bit.
+* **The closure's manners.** Between the start and the end of each closure call every ``.grad`` must stay the
+  same object at the same version: a closure that calls ``zero_grad()`` or ``backward()`` is refused, because the
+  engine's passes accumulate into ``.grad`` and would be silently wrong.
+* **Rollback.** The ``.grad`` objects found on entry are set aside (each ``.grad`` is ``None`` when the first
+  pass starts), so a closure cannot touch them. On any failure :meth:`Replay.rollback` restores parameters,
+  ``.grad`` (the very objects, untouched),
+  running statistics and the generators, and notes on the exception which pass failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.nn.parameter import is_lazy
+
+RNGState = tuple[Tensor, list[Tensor]]
+
+
+class ClosureError(RuntimeError):
+    """The closure did something the engine must do itself (``zero_grad()``, ``backward()``)."""
+
+
+def _rng_state() -> RNGState:
+    """The CPU generator and every initialized CUDA device's (dropout may draw on any of them)."""
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_state(state: RNGState) -> None:
+    torch.set_rng_state(state[0])
+    for device, cuda_state in enumerate(state[1]):
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+def _copy_buffers(module: torch.nn.Module) -> list[tuple[Tensor, Tensor]]:
+    return [(b, b.clone()) for b in module.buffers(recurse=False) if not is_lazy(b)]
+
+
+def _put_back(pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for buffer, saved in pairs:
+            buffer.copy_(saved)
+
+
+def annotate(exc: BaseException, message: str) -> None:
+    """Add ``message`` to ``exc``: as a note (Python ≥ 3.11), else appended to its message where that is a string."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(message)
+    elif exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}\n{message}", *exc.args[1:])
+
+
+class Replay:
+    """The context of one step over ``params``; see the module docstring. Use :meth:`close` or :meth:`rollback`.
+
+    ``closures`` are the micro-batches of the step (their losses add up to the step's loss); ``loss_scale``
+    multiplies every back-propagated loss (a GradScaler's scale); ``ddp`` is the DistributedDataParallel module
+    whose gradient synchronisation :meth:`run_pass` switches on only where asked.
+    """
+
+    def __init__(self, params: Sequence[Tensor], *, replay_first: bool = False,
+                 closures: Sequence[Callable[[], Tensor]] = (), loss_scale: float = 1.0,
+                 ddp: torch.nn.Module | None = None):
+        self.closures, self.loss_scale, self.ddp = list(closures), loss_scale, ddp
+        self.params = list(params)
+        self.data = [p.data for p in self.params]  # θ: its storage is never written during the step
+        self.grads = [p.grad for p in self.params]  # the .grad objects before the step, out of the closure's reach
+        for p in self.params:
+            p.grad = None
+        self.replay_first = replay_first
+        self.rng_start = _rng_state()
+        self.rng_before: list[RNGState] = [self.rng_start]  # before each micro-batch of the first pass
+        self.rng_after_first: RNGState | None = None
+        self.passes = 0
+        self.saved: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}  # buffers before the step
+        self.frozen: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}  # buffers to put back after a pass
+        self.handle = register_module_forward_pre_hook(self._pre_hook)
+
+    @property
+    def replaying(self) -> bool:
+        return self.replay_first or self.passes > 1
+
+    def _pre_hook(self, module: torch.nn.Module, args: object) -> None:
+        if not isinstance(module, _NormBase):
+            return
+        if module not in self.saved:
+            self.saved[module] = _copy_buffers(module)
+        if self.replaying and module not in self.frozen:
+            self.frozen[module] = _copy_buffers(module)
+
+    def begin_pass(self) -> None:
+        self.passes += 1
+        if self.replaying and self.rng_after_first is None and not self.replay_first:
+            self.rng_after_first = _rng_state()
+
+    def no_sync(self, skip: bool = True) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync()`` when ``skip`` (and there is a DDP module), else nothing."""
+        return self.ddp.no_sync() if skip and self.ddp is not None else contextlib.nullcontext()
+
+    def run_pass(self, inputs: Sequence[Tensor], seed: float = 1.0, *, sync: bool = True) -> Tensor:
+        """One gradient pass: ``.grad += seed·∇L_i`` for every micro-batch i (back-propagating seed·loss_scale·L_i),
+        synchronised across DDP workers only on the last micro-batch and only if ``sync``; returns Σ_i L_i."""
+        self.begin_pass()
+        total, scale = None, seed * self.loss_scale
+        for i, closure in enumerate(self.closures):
+            with self.no_sync(not (sync and i == len(self.closures) - 1)):
+                loss = self.evaluate(closure, i)
+                torch.autograd.backward(loss, None if scale == 1.0 else torch.full_like(loss, scale), inputs=inputs)
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
+    def all_reduce_mean(self, tensors: list[Tensor]) -> None:
+        """The mean over the DDP workers, in place, through one flat buffer."""
+        flat = torch._utils._flatten_dense_tensors(tensors)
+        torch.distributed.all_reduce(flat, group=self.ddp.process_group)
+        flat /= torch.distributed.get_world_size(self.ddp.process_group)
+        for t, f in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+            t.copy_(f)
+
+    def evaluate(self, closure: Callable[[], Tensor], index: int = 0) -> Tensor:
+        """``closure()`` (micro-batch ``index``), checked; in a replayed pass with the random numbers that the first
+        pass drew for it. A first call with no pass begun begins one."""
+        if self.passes == 0:
+            self.begin_pass()
+        if self.replaying:
+            _set_rng_state(self.rng_before[index])
+        elif index == len(self.rng_before):
+            self.rng_before.append(_rng_state())
+        watched = [(p.grad, None if p.grad is None else p.grad._version) for p in self.params]
+        with torch.enable_grad():
+            loss = closure()
+        for p, (grad, version) in zip(self.params, watched):
+            if p.grad is not grad or (grad is not None and grad._version != version):
+                raise ClosureError(
+                    "the closure changed .grad (it called zero_grad() or backward()): the closure must only run "
+                    "the forward pass and return the loss, e.g. lambda: loss_fn(model(x), y) — remove "
+                    "optimizer.zero_grad()/model.zero_grad()/loss.backward() from it; gradreg differentiates itself"
+                )
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"closure must return the loss as a scalar tensor, got {type(loss).__name__}")
+        if loss.ndim != 0:
+            raise ValueError(f"closure must return a scalar loss, got shape {tuple(loss.shape)}")
+        if not loss.requires_grad:
+            raise ValueError(
+                "closure returned a loss that does not require grad: it must not detach the loss, run under "
+                "torch.no_grad(), or call backward() itself and return loss.detach() (as some trainers' closures do)"
+            )
+        return loss
+
+    def swap_in(self, point: Sequence[Tensor]) -> None:
+        """Evaluate the next pass at ``point`` (one tensor per parameter) instead of θ."""
+        for p, x in zip(self.params, point):
+            p.data = x
+
+    def end_pass(self) -> None:
+        """After a pass and its backward: θ back in place, running statistics as the first pass left them."""
+        for p, data in zip(self.params, self.data):  # p.data is a new object on each access: no identity test
+            p.data = data
+        for pairs in self.frozen.values():
+            _put_back(pairs)
+        self.frozen.clear()
+
+    def close(self, keep_grads: bool = True) -> None:
+        """Success: keep the first pass's statistics; the generators go on as after it. ``.grad`` keeps what the
+        passes left there (``keep_grads``) or gets the objects found on entry back."""
+        self.end_pass()
+        if not keep_grads:
+            for p, grad in zip(self.params, self.grads):
+                p.grad = grad
+        if self.replay_first:
+            _set_rng_state(self.rng_start)
+        elif self.rng_after_first is not None:
+            _set_rng_state(self.rng_after_first)
+        self.handle.remove()
+
+    def rollback(self, exc: BaseException | None = None, where: str = "", hint: str = "") -> None:
+        """Failure: parameters, ``.grad``, running statistics and generators exactly as before the step."""
+        self.frozen.clear()
+        self.end_pass()
+        for p, grad in zip(self.params, self.grads):
+            p.grad = grad
+        for pairs in self.saved.values():
+            _put_back(pairs)
+        _set_rng_state(self.rng_start)
+        self.handle.remove()
+        if exc is not None:
+            annotate(exc, f"gradreg: raised {where}; parameters, .grad, running statistics and RNG were restored."
+                          + hint)
