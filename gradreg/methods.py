@@ -16,13 +16,13 @@ read :data:`LABELS` and :data:`COLORS`.
 
 from __future__ import annotations
 
-#: How H g is computed: exactly (``"double"``) or by one of the finite-difference stencils.
+#: How H g is computed, exactly (``"double"``) or by one of the finite-difference stencils.
 METHODS: tuple[str, ...] = ("forward", "backward", "central", "double")
 
-#: The step δ that replaces ε g: the paper's raw step, SAM's normalized one, ASAM's adaptive one.
+#: The step δ that replaces ε g, the paper's raw step, SAM's normalized one or ASAM's adaptive one.
 PERTURBATIONS: tuple[str, ...] = ("raw", "normalized", "adaptive")
 
-#: (s_j, w_j) per finite-difference method: evaluate ∇L at θ + s_j δ and weigh it by w_j (see above).
+#: The rows (s_j, w_j) of each finite-difference method, which evaluates ∇L at θ + s_j δ and weighs it by w_j.
 STENCILS: dict[str, tuple[tuple[float, float], ...]] = {
     "forward": ((+1.0, +1.0),),
     "backward": ((-1.0, -1.0),),

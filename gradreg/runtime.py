@@ -27,8 +27,11 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from gradreg._optional import require
+
 FULL_ENV = "GRADREG_FULL"
 CHECK_FIGURES_ENV = "GRADREG_CHECK_FIGURES"
+#: The most intra-op threads :func:`pick_threads` chooses by itself (small models slow down beyond a few).
 MAX_THREADS = 4
 CACHE_ENV = "GRADREG_CACHE"
 _TRUE = {"1", "true", "yes", "on"}
@@ -97,6 +100,7 @@ def setup(seed: int = 0, *, style: bool = True, threads: int | None = None) -> S
     seed_everything(seed)
     torch.set_num_threads(pick_threads(threads))
     if style:
+        require("matplotlib", extra="book", purpose="gr.setup(style=True), the book's plot style,")
         from gradreg.plotting import use_style
 
         use_style()
@@ -152,8 +156,7 @@ def progress(iterable: Iterable[T], *, enabled: bool | None = None, **kwargs: An
     show = full_size() if enabled is None else enabled
     if not show:
         return iterable
-    from tqdm.auto import tqdm
-
+    tqdm = require("tqdm.auto", extra="book", purpose="the progress bar of full-size runs").tqdm
     return tqdm(iterable, **kwargs)
 
 
