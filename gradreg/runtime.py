@@ -6,11 +6,13 @@ The book has one documented switch, the environment variable ``GRADREG_FULL``:
 * ``GRADREG_FULL=1``: full size even on a CPU (slow);
 * ``GRADREG_FULL=0``: fast size even on a GPU (what CI and the committed notebooks use).
 
-Threads (:func:`pick_threads`): the chapters' models are small, and small matrix products get slower, not faster,
-beyond a few threads; two processes that each use every core make both crawl. So :func:`setup` keeps an explicit
-choice (``OMP_NUM_THREADS`` in the environment, or ``setup(threads=...)``) and otherwise caps torch's default
-(one thread per physical core) at :data:`MAX_THREADS`. The thread count changes the order of floating-point sums,
-so results differ across machines in their last digits; what the chapters assert holds at any thread count.
+Threads (:func:`pick_threads`): an explicit choice is kept (``OMP_NUM_THREADS`` in the environment, or
+``setup(threads=...)``). Otherwise the fast size runs on **one thread**: it is sized to take seconds to a minute
+on one core; one thread cannot oversubscribe a busy laptop or a shared CI machine (two processes that each spin
+threads on every core make both crawl, 10× and worse was measured on 2 cores); and it sums in the same order on
+every machine. The full size uses torch's default (one thread per physical core) capped at :data:`MAX_THREADS`,
+since small matrix products get slower, not faster, beyond a few threads. The thread count changes the order of
+floating-point sums, so results differ in their last digits; what the chapters assert holds at any thread count.
 """
 
 from __future__ import annotations
@@ -59,16 +61,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def pick_threads(threads: int | None = None) -> int:
-    """The intra-op thread count for a chapter: ``threads`` if given, torch's current count if the environment
-    sets ``OMP_NUM_THREADS`` (the user's choice), else torch's default capped at :data:`MAX_THREADS`."""
+_TORCH_THREADS = torch.get_num_threads()  # torch's own choice (or OMP_NUM_THREADS), before setup() changes it
+
+
+def pick_threads(threads: int | None = None, *, full: bool = False) -> tuple[int, str]:
+    """The intra-op thread count for a chapter and why: ``threads`` if given, ``OMP_NUM_THREADS`` if the
+    environment sets it, 1 at the fast size, torch's default capped at :data:`MAX_THREADS` at full size."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be an integer >= 1 (or None for the automatic choice), got {threads!r}")
-        return threads
+        return threads, "setup(threads=)"
     if os.environ.get("OMP_NUM_THREADS", "").strip():
-        return torch.get_num_threads()
-    return max(1, min(torch.get_num_threads(), MAX_THREADS))
+        return _TORCH_THREADS, "OMP_NUM_THREADS"
+    return (max(1, min(_TORCH_THREADS, MAX_THREADS)), "full size") if full else (1, "fast size")
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class Setup:
     full: bool
     seed: int
     threads: int
+    threads_why: str = ""
 
     def size(self, fast: T, full: T) -> T:
         """Return ``full`` in full-size mode and ``fast`` otherwise."""
@@ -89,7 +95,8 @@ class Setup:
 
         mode = "full" if self.full else "fast"
         return (
-            f"Setup(device='{self.device}', size='{mode}', seed={self.seed}, threads={self.threads}, "
+            f"Setup(device='{self.device}', size='{mode}', seed={self.seed}, threads={self.threads} "
+            f"({self.threads_why}), "
             f"gradreg={__version__}, torch={torch.__version__})"
         )
 
@@ -98,7 +105,9 @@ def setup(seed: int = 0, *, style: bool = True, threads: int | None = None) -> S
     """Seed everything, pick the device (CUDA when available) and the thread count (:func:`pick_threads`),
     set the plot style, read the size switch."""
     seed_everything(seed)
-    torch.set_num_threads(pick_threads(threads))
+    full = full_size()
+    count, why = pick_threads(threads, full=full)
+    torch.set_num_threads(count)
     if style:
         require("matplotlib", extra="book", purpose="gr.setup(style=True), the book's plot style,")
         from gradreg.plotting import use_style
@@ -107,7 +116,7 @@ def setup(seed: int = 0, *, style: bool = True, threads: int | None = None) -> S
     if os.environ.get(CHECK_FIGURES_ENV, "").strip().lower() in _TRUE:
         _check_figures_after_each_cell()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Setup(device=device, full=full_size(), seed=seed, threads=torch.get_num_threads())
+    return Setup(device=device, full=full, seed=seed, threads=torch.get_num_threads(), threads_why=why)
 
 
 def unlabelled_axes(figure: Any) -> list[str]:

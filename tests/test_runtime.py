@@ -62,20 +62,24 @@ def test_double_backprop_graph_figure_counts_3l_minus_1_products():
         plt.close(fig)
 
 
-def test_setup_picks_a_capped_thread_count_and_keeps_an_explicit_one(monkeypatch):
+def test_setup_picks_one_thread_at_the_fast_size_and_keeps_an_explicit_choice(monkeypatch):
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        torch.set_num_threads(runtime.MAX_THREADS + 3)
-        assert gr.setup(seed=0, style=False).threads == runtime.MAX_THREADS  # capped
-        torch.set_num_threads(1)
-        assert gr.setup(seed=0, style=False).threads == 1  # never raised above torch's choice
+        monkeypatch.setenv("GRADREG_FULL", "0")
+        monkeypatch.setattr(runtime, "_TORCH_THREADS", runtime.MAX_THREADS + 3)
+        fast = gr.setup(seed=0, style=False)
+        assert (fast.threads, fast.threads_why) == (1, "fast size") and "threads=1 (fast size)" in repr(fast)
+        monkeypatch.setenv("GRADREG_FULL", "1")
+        assert gr.setup(seed=0, style=False).threads == runtime.MAX_THREADS  # full size: torch's default, capped
+        monkeypatch.setattr(runtime, "_TORCH_THREADS", 1)
+        assert gr.setup(seed=0, style=False).threads == 1  # never above torch's own choice
         assert gr.setup(seed=0, style=False, threads=2).threads == 2 == torch.get_num_threads()
         above = runtime.MAX_THREADS + 2
         monkeypatch.setenv("OMP_NUM_THREADS", str(above))
-        torch.set_num_threads(above)
-        assert gr.setup(seed=0, style=False).threads == above  # the environment's choice is kept, even above the cap
-        assert f"threads={above}" in repr(gr.setup(seed=0, style=False))
+        monkeypatch.setattr(runtime, "_TORCH_THREADS", above)  # what torch read from the environment at start
+        chosen = gr.setup(seed=0, style=False)
+        assert chosen.threads == above and f"threads={above} (OMP_NUM_THREADS)" in repr(chosen)
         for bad in (0, -1, 1.5, True):
             with pytest.raises(ValueError, match="threads must be an integer >= 1"):
                 gr.setup(seed=0, style=False, threads=bad)
