@@ -1,7 +1,7 @@
 """The book's one plot style, plain tick labels on log axes, and the computational graph of double backprop.
 
-Which colour and which name a method gets is not decided here: :data:`gradreg.methods.COLORS` and
-:data:`gradreg.methods.LABELS` are the one vocabulary, and the colour cycle below is built from them. This module
+Which colour and which name a method gets is not decided here: ``gradreg.methods.COLORS`` and
+``gradreg.methods.LABELS`` are the one vocabulary, and the colour cycle below is built from them. This module
 imports matplotlib (the ``book`` extra); ``import gradreg`` does not import it.
 """
 
@@ -15,7 +15,7 @@ from gradreg.methods import COLORS
 
 mpl = require("matplotlib", extra="book", purpose="gradreg.plotting (the book's figures)")
 
-#: The colour cycle for curves drawn without an explicit colour: the GR methods first, black last.
+#: The colour cycle for curves drawn without an explicit colour (the GR methods first, black last).
 CYCLE: tuple[str, ...] = tuple(
     COLORS[name] for name in ("double", "forward", "backward", "central", "sam", "flooding", "theory", "gd")
 )
