@@ -1,34 +1,24 @@
-"""The book's one plot style, and one colour per method so every chapter draws them alike."""
+"""The book's one plot style, plain tick labels on log axes, and the computational graph of double backprop.
+
+Which colour and which name a method gets is not decided here: ``gradreg.methods.COLORS`` and
+``gradreg.methods.LABELS`` are the one vocabulary, and the colour cycle below is built from them. This module
+imports matplotlib (the ``book`` extra); ``import gradreg`` does not import it.
+"""
 
 from __future__ import annotations
 
-import matplotlib as mpl
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-#: One colour per method, used by every chapter (colour-blind-safe Okabe-Ito palette).
-METHOD_COLORS: dict[str, str] = {
-    "sgd": "#000000",
-    "gd": "#000000",
-    "double": "#0072B2",
-    "forward": "#D55E00",
-    "backward": "#009E73",
-    "central": "#CC79A7",
-    "sam": "#E69F00",
-    "flooding": "#56B4E9",
-    "theory": "#7F7F7F",
-}
+from gradreg._optional import require
+from gradreg.methods import COLORS
 
-#: Display names for the methods, as the book writes them.
-METHOD_LABELS: dict[str, str] = {
-    "sgd": "SGD",
-    "gd": "GD",
-    "double": "DB-GR",
-    "forward": "F-GR",
-    "backward": "B-GR",
-    "central": "C-GR",
-    "sam": "SAM",
-    "flooding": "flooding",
-    "theory": "theory",
-}
+mpl = require("matplotlib", extra="book", purpose="gradreg.plotting (the book's figures)")
+
+#: The colour cycle for curves drawn without an explicit colour (the GR methods first, black last).
+CYCLE: tuple[str, ...] = tuple(
+    COLORS[name] for name in ("double", "forward", "backward", "central", "sam", "flooding", "theory", "gd")
+)
 
 STYLE: dict[str, object] = {
     "figure.figsize": (6.0, 3.6),
@@ -45,7 +35,7 @@ STYLE: dict[str, object] = {
     "axes.spines.top": False,
     "axes.spines.right": False,
     "lines.linewidth": 1.8,
-    "axes.prop_cycle": mpl.cycler(color=list(METHOD_COLORS.values())[2:] + ["#000000"]),
+    "axes.prop_cycle": mpl.cycler(color=list(CYCLE)),
 }
 
 
@@ -54,56 +44,167 @@ def use_style() -> None:
     mpl.rcParams.update(STYLE)
 
 
-def draw_double_backprop_graph(ax, depth: int = 3) -> int:
-    """Draw the computational graph of one gradient of a ``depth``-layer MLP and what double backprop adds.
+def plain_log_ticks(axis, ticks: Sequence[float]) -> None:
+    """Label a log-scaled ``axis`` (``ax.xaxis`` or ``ax.yaxis``) at ``ticks`` with plain numbers ("0.5", "2").
 
-    Rows: the forward pass u_l = W_l h_{l-1} (top), the backward pass δ_l = φ'(u_l) ⊙ W_{l+1}ᵀ δ_{l+1}
-    (middle) and the weight gradients ∂L/∂W_l = δ_l h_{l-1}ᵀ (bottom), all feeding the penalty ½‖∇L‖².
-    Solid arrows are matrix products; returns their number, 3·depth − 1 (one gradient). Double backprop
-    differentiates ½‖∇L‖² back through every node drawn, which is why it costs about three gradients.
+    Matplotlib's default labels a log axis that spans less than a decade with minor-tick labels such as
+    "2×10⁰"; this sets the major ticks explicitly and removes the minor labels.
     """
-    from matplotlib.patches import FancyArrowPatch
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-    pos: dict[str, tuple[float, float]] = {"h0": (0, 3)}
+    if not ticks or any(t <= 0 for t in ticks):
+        raise ValueError(f"ticks must be a non-empty list of positive numbers for a log axis, got {list(ticks)!r}")
+    axis.set_major_locator(FixedLocator(list(ticks)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+@dataclass(frozen=True)
+class GraphProducts:
+    """Matrix products drawn by :func:`draw_double_backprop_graph` for an L-layer perceptron.
+
+    ``gradient``: one gradient, 3L − 1 (what ``create_graph=True`` records); ``double_backward``: DB's extra
+    backward pass through that graph, 6L − 4; ``total``: one DB step, 9L − 5.
+    """
+
+    gradient: int
+    double_backward: int
+
+    @property
+    def total(self) -> int:
+        return self.gradient + self.double_backward
+
+
+#: Line style per kind of arrow; each arrow's gid is its kind, so tests count the products drawn.
+ARROW_STYLES: dict[str, object] = {"product": "-", "elementwise": (0, (3, 3)), "reads": (0, (1, 2))}
+
+
+class _Graph:
+    """Node layout of the gradient graph of a ``depth``-layer MLP on one Axes, and arrows between its nodes."""
+
+    def __init__(self, ax, depth: int, faded: bool = False):
+        self.ax, self.depth, self.products = ax, depth, 0
+        self.pos: dict[str, tuple[float, float]] = {"h0": (0, 3), "L": (depth + 1, 3), "P": ((depth + 1) / 2, 0)}
+        self.labels = {"h0": "$x$", "L": "$L$", "P": r"$\frac{1}{2}\|\nabla L\|^2$"}
+        for layer in range(1, depth + 1):
+            self.pos |= {f"u{layer}": (layer, 3), f"d{layer}": (layer, 2), f"W{layer}": (layer, 1)}
+            self.labels |= {f"u{layer}": f"$u_{layer}$", f"d{layer}": rf"$\delta_{layer}$",
+                            f"W{layer}": rf"$\partial W_{layer}$"}
+        self.faded = faded
+
+    def arrow(self, a: str, b: str, kind: str, color: str = "black", bend: float = 0.0) -> None:
+        """``kind``: "product" (solid, counted), "elementwise" (dashed, no product) or "reads" (dotted grey)."""
+        product = kind == "product"
+        self.products += product
+        from matplotlib.patches import FancyArrowPatch
+
+        patch = FancyArrowPatch(
+            self.pos[a], self.pos[b], arrowstyle="-|>", mutation_scale=12, shrinkA=13, shrinkB=13, color=color,
+            linestyle=ARROW_STYLES[kind], linewidth=1.4 if product else 1.0, connectionstyle=f"arc3,rad={bend}",
+        )
+        patch.set_gid(kind)
+        self.ax.add_patch(patch)
+
+    def nodes(self, accent: Sequence[str] = ()) -> None:
+        """Draw every node; ``accent`` names those drawn in the DB colour (the rest are faded in the DB panel)."""
+        for name, (x, y) in self.pos.items():
+            color = COLORS["double"] if name in accent else ("0.5" if self.faded else "black")
+            edge = COLORS["double"] if name in accent or name == "P" else ("0.75" if self.faded else "0.3")
+            self.ax.text(x, y, self.labels[name], ha="center", va="center", fontsize=11, color=color,
+                         bbox={"boxstyle": "round,pad=0.35", "fc": "white", "ec": edge})
+        rows = [(3, "forward"), (2, "backward"), (1, "weight gradients")] + [(4.1, "into H g")] * bool(accent)
+        for y, text in rows:
+            self.ax.text(-0.6, y, text, ha="right", va="center", fontsize=9,
+                         color=COLORS["double"] if y > 4 else "0.35")
+        self.ax.set_xlim(-2.2, self.depth + 1.5)
+        self.ax.set_axis_off()
+
+    def h(self, layer: int) -> str:
+        """The node holding h_{layer} (x for layer 0; else u_layer, of which h = φ(u) is an elementwise map)."""
+        return "h0" if layer == 0 else f"u{layer}"
+
+
+def _draw_gradient(graph: _Graph) -> None:
+    """One gradient: u_l = W_l h_{l-1}; δ_{l-1} = φ'(u_{l-1}) ⊙ W_lᵀ δ_l; ∂W_l = δ_l h_{l-1}ᵀ → ½‖∇L‖²."""
+    depth = graph.depth
     for layer in range(1, depth + 1):
-        pos[f"u{layer}"] = (layer, 3)
-        pos[f"d{layer}"] = (layer, 2)
-        pos[f"W{layer}"] = (layer, 1)
-    pos["L"] = (depth + 1, 3)
-    pos["P"] = ((depth + 1) / 2, 0)
-    labels = {"h0": "$x$", "L": "$L$", "P": r"$\frac{1}{2}\|\nabla L\|^2$"}
-    for layer in range(1, depth + 1):
-        labels[f"u{layer}"] = f"$u_{layer}$"
-        labels[f"d{layer}"] = rf"$\delta_{layer}$"
-        labels[f"W{layer}"] = rf"$\partial W_{layer}$"
-
-    products = 0
-
-    def arrow(a: str, b: str, product: bool, color: str = "black") -> None:
-        nonlocal products
-        products += product
-        ax.add_patch(FancyArrowPatch(
-            pos[a], pos[b], arrowstyle="-|>", mutation_scale=12, shrinkA=13, shrinkB=13, color=color,
-            linestyle="-" if product else (0, (3, 3)), linewidth=1.4 if product else 1.0,
-        ))
-
-    for layer in range(1, depth + 1):
-        arrow("h0" if layer == 1 else f"u{layer - 1}", f"u{layer}", True)  # u_l = W_l φ(u_{l-1})
-    arrow(f"u{depth}", "L", False)
-    arrow("L", f"d{depth}", False)
+        graph.arrow(graph.h(layer - 1), f"u{layer}", "product")  # u_l = W_l h_{l-1}: L products
+    graph.arrow(f"u{depth}", "L", "elementwise")
+    graph.arrow("L", f"d{depth}", "elementwise")
     for layer in range(depth, 1, -1):
-        arrow(f"d{layer}", f"d{layer - 1}", True)  # δ_{l-1} = φ'(u_{l-1}) ⊙ W_lᵀ δ_l
+        graph.arrow(f"d{layer}", f"d{layer - 1}", "product")  # δ_{l-1} = φ'(u_{l-1}) ⊙ W_lᵀ δ_l: L − 1 products
     for layer in range(1, depth + 1):
-        arrow(f"d{layer}", f"W{layer}", True)  # ∂W_l = δ_l h_{l-1}ᵀ
-        arrow("h0" if layer == 1 else f"u{layer - 1}", f"W{layer}", False, "0.65")  # ... reads h_{l-1}
-        arrow(f"W{layer}", "P", False, METHOD_COLORS["double"])
-    for name, (x, y) in pos.items():
-        ax.text(x, y, labels[name], ha="center", va="center", fontsize=11,
-                bbox={"boxstyle": "round,pad=0.35", "fc": "white", "ec": METHOD_COLORS["double"] if name == "P"
-                      else "0.3"})
-    for y, text in [(3, "forward"), (2, "backward"), (1, "weight gradients")]:
-        ax.text(-0.6, y, text, ha="right", va="center", fontsize=9, color="0.35")
-    ax.set_xlim(-2.2, depth + 1.5)
-    ax.set_ylim(-0.6, 3.6)
-    ax.set_axis_off()
-    return products
+        graph.arrow(f"d{layer}", f"W{layer}", "product")  # ∂W_l = δ_l h_{l-1}ᵀ: L products ...
+        graph.arrow(graph.h(layer - 1), f"W{layer}", "reads", "0.6")  # ... which read h_{l-1}
+        graph.arrow(f"W{layer}", "P", "elementwise", COLORS["double"])
+    graph.nodes()
+    graph.ax.set_ylim(-0.6, 3.6)
+
+
+def _draw_double_backward(graph: _Graph) -> None:
+    """DB's extra backward pass: every product A·B of the gradient graph sends one product back to each input
+    that depends on θ (two, or one where the input is the data x); the products with W_l add up to (Hg)_{W_l}."""
+    depth, db = graph.depth, COLORS["double"]
+    for layer in range(1, depth + 1):
+        graph.pos[f"H{layer}"], graph.labels[f"H{layer}"] = (layer, 4.1), rf"$W_{layer}$"
+    for layer in range(1, depth + 1):  # the seed: the adjoint of ∂W_l is g_l
+        graph.arrow("P", f"W{layer}", "elementwise", db)
+    for layer in range(1, depth + 1):  # from ∂W_l = δ_l h_{l-1}ᵀ back to δ_l and (except x) to h_{l-1}
+        graph.arrow(f"W{layer}", f"d{layer}", "product", db)
+        if layer > 1:
+            graph.arrow(f"W{layer}", graph.h(layer - 1), "product", db)
+    for layer in range(2, depth + 1):  # from δ_{l-1} = φ'(u_{l-1}) ⊙ W_lᵀ δ_l back to δ_l and to W_l
+        graph.arrow(f"d{layer - 1}", f"d{layer}", "product", db)
+        graph.arrow(f"d{layer - 1}", f"H{layer}", "product", db, bend=0.2)
+    for layer in range(depth, 0, -1):  # from u_l = W_l h_{l-1} back to W_l and (except x) to h_{l-1}
+        graph.arrow(f"u{layer}", f"H{layer}", "product", db)
+        if layer > 1:
+            graph.arrow(f"u{layer}", f"u{layer - 1}", "product", db)
+    for layer in range(1, depth):  # δ_l reads u_l through φ'(u_l); δ_L reads u_L through the loss
+        graph.arrow(f"d{layer}", f"u{layer}", "elementwise", db)
+    graph.arrow(f"d{depth}", "L", "elementwise", db)
+    graph.arrow("L", f"u{depth}", "elementwise", db)
+    graph.nodes(accent=[f"H{layer}" for layer in range(1, depth + 1)])
+    graph.ax.set_ylim(-0.6, 4.5)
+
+
+def draw_double_backprop_graph(axes, depth: int = 3) -> GraphProducts:
+    """Draw what double backprop (DB) computes for a ``depth``-layer perceptron u_l = W_l h_{l-1}, h_l = φ(u_l).
+
+    ``axes``: two matplotlib Axes. The first gets the graph of one gradient, which DB records with
+    ``create_graph=True``: the forward pass, the backpropagated errors δ_{l-1} = φ'(u_{l-1}) ⊙ W_lᵀ δ_l and the
+    weight gradients ∂W_l = δ_l h_{l-1}ᵀ, feeding the penalty ½‖∇L‖²; 3L − 1 matrix products. The second gets
+    DB's extra backward pass through that graph, seeded with g: each product sends one product back to each input
+    that depends on θ, 6L − 4 in all, and those with W_l add up to H g. Solid arrows are matrix products; each
+    panel has a legend. Returns the counts of solid arrows drawn.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1 (the number of layers), got {depth!r}")
+    try:
+        ax_gradient, ax_double = axes
+    except (TypeError, ValueError):
+        raise TypeError(
+            "axes must be two matplotlib Axes (the gradient graph, DB's extra backward pass), e.g. "
+            f"fig, axes = plt.subplots(1, 2); got {axes!r}"
+        ) from None
+    gradient = _Graph(ax_gradient, depth)
+    _draw_gradient(gradient)
+    double = _Graph(ax_double, depth, faded=True)
+    _draw_double_backward(double)
+    _legend(ax_gradient, [("product", "black", f"matrix product ({gradient.products} = 3L − 1)"),
+                          ("reads", "0.6", "reads an activation"),
+                          ("elementwise", "black", "elementwise, no product"),
+                          ("elementwise", COLORS["double"], "summed into the penalty")])
+    _legend(ax_double, [("product", COLORS["double"], f"matrix product ({double.products} = 6L − 4)"),
+                        ("elementwise", COLORS["double"], "elementwise, no product")])
+    return GraphProducts(gradient=gradient.products, double_backward=double.products)
+
+
+def _legend(ax, entries: list[tuple[str, str, str]]) -> None:
+    """A legend with one (kind of arrow, colour, text) entry per line style drawn on ``ax``."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle=ARROW_STYLES[kind], color=color, linewidth=1.4, label=label, gid=kind)
+               for kind, color, label in entries]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8,
+              handlelength=2.5)

@@ -50,18 +50,6 @@ def test_cache_stores_in_full_mode_and_recomputes_in_fast_mode(monkeypatch, tmp_
     assert len(calls) == 3
 
 
-def test_double_backprop_graph_figure_counts_3l_minus_1_products():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for depth in [1, 2, 3, 5]:
-        fig, ax = plt.subplots()
-        assert gr.plotting.draw_double_backprop_graph(ax, depth) == 3 * depth - 1
-        plt.close(fig)
-
-
 def test_setup_picks_one_thread_at_the_fast_size_and_keeps_an_explicit_choice(monkeypatch):
     before = torch.get_num_threads()
     try:
