@@ -140,3 +140,29 @@ def assert_same(a: object, b: object, path: str = "") -> None:
             assert_same(u, v, f"{path}[{i}]")
     else:
         assert a == b, f"{a!r} != {b!r} at {path}"
+
+
+def square_whose_double_backward_raises(message: str):
+    """u ↦ u², whose first backward works and whose double backward raises RuntimeError(message): stands for a
+    kernel without a double backward (fused attention) or for any other failure there."""
+
+    class Raises(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, u):
+            return u.clone()
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            raise RuntimeError(message)
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, u):
+            ctx.save_for_backward(u)
+            return u * u
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return 2 * Raises.apply(ctx.saved_tensors[0]) * grad_output
+
+    return Square.apply

@@ -18,6 +18,7 @@ from helpers import (
     reference_gradient,
     rel_err,
     snapshot,
+    square_whose_double_backward_raises,
 )
 
 import gradreg as gr
@@ -273,35 +274,16 @@ def test_double_backward_failure_is_explained():
     """An op without a double backward (like fused attention kernels): DB fails, the note points to F-GR."""
     model, closure, _, _ = make("mlp")
 
-    class NotTwice(torch.autograd.Function):  # stands for a kernel whose backward has no derivative
-        @staticmethod
-        def forward(ctx, u):
-            return u.clone()
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            raise RuntimeError("the derivative for 'not_twice' is not implemented")
-
-    class Square(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, u):
-            ctx.save_for_backward(u)
-            return u * u
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            (u,) = ctx.saved_tensors
-            return 2 * NotTwice.apply(u) * grad_output
-
+    square = square_whose_double_backward_raises("the derivative for 'not_twice' is not implemented")
     optimizer = gr.GR(torch.optim.Adam(model.parameters()), gamma=GAMMA, method="double")
     optimizer.step(closure)
     before = snapshot(model, optimizer)
     with pytest.raises(RuntimeError) as info:
-        optimizer.step(lambda: Square.apply(closure()))
+        optimizer.step(lambda: square(closure()))
     notes = " ".join(info.value.__notes__)
     assert "pass 2 (Hessian-vector product" in notes and "method='forward'" in notes
     assert_same(snapshot(model, optimizer), before)
-    gr.GR(torch.optim.Adam(model.parameters()), gamma=GAMMA, eps=0.01).step(lambda: Square.apply(closure()))
+    gr.GR(torch.optim.Adam(model.parameters()), gamma=GAMMA, eps=0.01).step(lambda: square(closure()))
 
 
 def test_closure_that_calls_backward_itself_is_explained():

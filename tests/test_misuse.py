@@ -9,7 +9,16 @@ import pickle
 
 import pytest
 import torch
-from helpers import assert_same, grads_of, make, params_of, reference_gr_direction, rel_err, snapshot
+from helpers import (
+    assert_same,
+    grads_of,
+    make,
+    params_of,
+    reference_gr_direction,
+    rel_err,
+    snapshot,
+    square_whose_double_backward_raises,
+)
 from torch import nn
 
 import gradreg as gr
@@ -193,27 +202,9 @@ def test_unused_and_linear_parameters_get_their_exact_direction(method):
 def test_double_blames_a_missing_double_backward_only_when_that_is_the_cause():
     model, closure, _, _ = make("mlp")
 
-    class Fails(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, u):
-            return u.clone()
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            raise RuntimeError("out of memory while allocating")  # not a missing derivative
-
-    class Square(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, u):
-            ctx.save_for_backward(u)
-            return u * u
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            return 2 * Fails.apply(ctx.saved_tensors[0]) * grad_output
-
+    square = square_whose_double_backward_raises("out of memory while allocating")  # not a missing derivative
     with pytest.raises(RuntimeError, match="out of memory") as info:
-        gr.gr_grad(lambda: Square.apply(closure()), model.parameters(), gamma=GAMMA, method="double")
+        gr.gr_grad(lambda: square(closure()), model.parameters(), gamma=GAMMA, method="double")
     notes = " ".join(info.value.__notes__)
     assert "pass 2" in notes and "no double backward" not in notes
 

@@ -239,7 +239,7 @@ def test_every_torch_lr_scheduler_drives_the_wrapper_as_it_drives_the_base(name)
         torch.manual_seed(3)
         for _ in range(6):
             if wrapped:
-                loss = optimizer.step(lambda: loss_fn(model(x), y))
+                loss = optimizer.step(lambda model=model: loss_fn(model(x), y))
             else:
                 optimizer.zero_grad()
                 loss = loss_fn(model(x), y)
