@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: The values ``RunConfig.method`` accepts: plain SGD, the four GR computations of :data:`gradreg.METHODS`,
+#: The values ``RunConfig.method`` accepts: plain SGD, the four GR computations of ``gradreg.METHODS``,
 #: SAM and flooding.
 ALGORITHMS: tuple[str, ...] = ("sgd", "double", "forward", "backward", "central", "sam", "flooding")
 
@@ -91,7 +91,8 @@ class RunConfig:
 
     @property
     def run_id(self) -> str:
-        """A readable, unique file name: data set, model, method, hyperparameters, seed and a hash of the rest."""
+        """The run's file name (readable and unique), made of the data set, model, method, hyperparameters, seed and
+        a hash of the whole resolved config."""
         config = self.resolved()
         digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()
         parts = [config.dataset, config.model, config.method]

@@ -1,7 +1,7 @@
 """A small step-based trainer shared by the chapters: mini-batch training with any optimizer, GR or not.
 
 :func:`train_classifier` draws batches with replacement for a fixed number of steps and measures every
-``eval_every`` steps; the epoch-based, resumable runner of the experiments is :mod:`gradreg.experiments.runner`.
+``eval_every`` steps; the epoch-based, resumable runner of the experiments is ``gradreg.experiments.run``.
 """
 
 from __future__ import annotations
