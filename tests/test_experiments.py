@@ -218,6 +218,26 @@ def _equal(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.parametrize("flood", [None, 0.5, 5.0])
+def test_train_step_flooding_is_sgd_on_the_flooded_loss(flood):
+    """Against gradreg.flooding.flooded and a hand-written SGD step: descent above b, ascent below."""
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    start = [p.detach().clone() for p in model.parameters()]
+    loss = runner.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, flood)
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(4, 3).double()
+    plain = torch.nn.functional.cross_entropy(reference(x), y)
+    objective = plain if flood is None else gr.flooding.flooded(plain, flood)
+    grads = torch.autograd.grad(objective, list(reference.parameters()))
+    for p, p0, g in zip(model.parameters(), start, grads):
+        assert torch.allclose(p.detach(), p0 - 0.1 * g, rtol=0, atol=1e-15)
+    assert float(loss) == float(plain.detach())
+    if flood == 5.0:  # below the flood level: the step ascends
+        assert float(torch.nn.functional.cross_entropy(model(x), y)) > float(plain.detach())
+
+
 def test_paired_runs_share_initialization_and_data_order(tmp_path):
     a = runner._Trainer(RunConfig(method="sgd", **TINY).resolved(), torch.device("cpu"), False)
     b = runner._Trainer(RunConfig(method="forward", gamma=0.1, eps=0.1, **TINY).resolved(), torch.device("cpu"), False)

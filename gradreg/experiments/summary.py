@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradreg._optional import require
 from gradreg.experiments.config import RunConfig
 from gradreg.experiments.runner import RunRecord
 
@@ -108,8 +109,7 @@ class PairedDifference:
 
 def paired_difference(a: Row, b: Row, *, confidence: float = 0.95) -> PairedDifference:
     """The difference A − B paired by seed, with Student's t confidence interval (see the module docstring)."""
-    from scipy import stats
-
+    stats = require("scipy.stats", extra="book", purpose="The t-interval of gradreg.experiments.paired_difference")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     by_seed_b = dict(zip(b.seeds, b.values))
