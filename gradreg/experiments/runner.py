@@ -262,7 +262,8 @@ def run(
     trainer = _Trainer(config, device, download)
     resumed_from = None
     if checkpoint.exists():
-        trainer.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True))
+        # On the CPU: random-number states must be CPU tensors; load_state_dict moves the rest to the model's device.
+        trainer.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
         resumed_from = trainer.epoch
     epochs = range(trainer.epoch + 1, config.epochs + 1)
     for epoch in progress(epochs, desc=config.run_id, leave=False, enabled=show_progress):
