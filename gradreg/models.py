@@ -21,6 +21,21 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+def cnn1d(length: int = 40, channels: int = 32, num_classes: int = 10) -> nn.Sequential:
+    """A small 1-D convolutional network for signals of shape (batch, ``length``), e.g. MNIST-1D: three ReLU
+    convolutions of ``channels`` channels (kernel 5, 3, 3; strides 1, 2, 2) and a linear classifier.
+    With the defaults it has 9.6 k parameters."""
+    reduced = (length + 1) // 2
+    reduced = (reduced + 1) // 2
+    return nn.Sequential(
+        nn.Unflatten(1, (1, length)),
+        nn.Conv1d(1, channels, 5, padding=2), nn.ReLU(),
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(channels * reduced, num_classes),
+    )
+
+
 class _BasicBlock(nn.Module):
     """ResNet basic block: two 3×3 convolutions with BatchNorm, identity (or 1×1-projection) shortcut."""
 
