@@ -188,6 +188,11 @@ class Breakdown:
         values = r.times_s if label == "unprofiled" else [s.get(label, 0.0) for s in r.splits]
         return 1e3 * statistics.median(values) if values and r.ok else math.nan
 
+    def time_ratio(self, method: str, reference: str = "two-passes") -> float:
+        """Median over rounds of the unprofiled t_method / t_reference, both timed in the same round."""
+        a, b = self.results.get(method), self.results.get(reference)
+        return math.nan if a is None or b is None or not (a.ok and b.ok) else paired_median(a.times_s, b.times_s)
+
     def profiler_overhead(self, method: str) -> float:
         """Median over rounds of profiled / unprofiled step time, both taken in the same round."""
         r = self.results[method]
