@@ -9,15 +9,15 @@ or, from Python, :func:`benchmark` and :func:`breakdown` (what Chapter 2 calls).
 full training step with the same base optimizer (SGD, momentum 0.9) on one fixed batch. The package, one module
 per part:
 
-* :mod:`gradreg.bench.workloads`: the models and their fixed batches (:func:`make_workload`);
-* :mod:`gradreg.bench.steppers`: one training step per row (:data:`ROWS`: ``sgd``, ``two-passes``, the four GR
-  methods, ``func-db``);
-* :mod:`gradreg.bench.measure`: the measurement loop — warm-up, interleaved timed rounds, memory, FLOPs
+* ``gradreg.bench.workloads``: the models and their fixed batches (:func:`make_workload`);
+* ``gradreg.bench.steppers``: one training step per row (:data:`~gradreg.bench.steppers.ROWS`: ``sgd``,
+  ``two-passes``, the four GR methods, ``func-db``);
+* ``gradreg.bench.measure``: the measurement loop — warm-up, interleaved timed rounds, memory, FLOPs
   (:func:`benchmark`) and the profiled rounds of :func:`breakdown`;
-* :mod:`gradreg.bench.memory`: peak memory (:func:`peak_allocated`) and its dependence on the batch size;
-* :mod:`gradreg.bench.flops`: the FLOP model (SGD 3L − 1, F-GR 6L − 2, DB 9L − 5, ...) with its derivation;
-* :mod:`gradreg.bench.phases`: one step under ``torch.profiler``, split by the engine's phase ranges;
-* :mod:`gradreg.bench.report`: the results, as a table and as JSON;
+* ``gradreg.bench.memory``: peak memory (:func:`peak_allocated`) and its dependence on the batch size;
+* ``gradreg.bench.flops``: the FLOP model (SGD 3L − 1, F-GR 6L − 2, DB 9L − 5, ...) with its derivation;
+* ``gradreg.bench.phases``: one step under ``torch.profiler``, split by the engine's phase ranges;
+* ``gradreg.bench.report``: the results, as a table and as JSON;
 * ``gradreg/bench/__main__.py``: the command line.
 """
 
@@ -27,6 +27,7 @@ from gradreg.bench.flops import FLOP_FORMULAS, FLOP_UNITS, count_flops, mlp_flop
 from gradreg.bench.measure import benchmark, breakdown, load_average
 from gradreg.bench.memory import (
     activation_bytes,
+    allocation_levels,
     memory_by_batch,
     memory_model,
     peak_allocated,
@@ -41,6 +42,7 @@ from gradreg.bench.workloads import DEFAULT_BATCH_SIZE, MODELS, Workload, make_w
 __all__ = [
     "ATTENTION", "DEFAULT_BATCH_SIZE", "DEFAULT_STEP", "FLOP_FORMULAS", "FLOP_UNITS", "MODELS", "PHASES", "ROWS",
     "BenchResult", "Breakdown", "MethodResult", "StepConfig", "Stepper", "Workload", "activation_bytes",
+    "allocation_levels",
     "benchmark", "breakdown", "count_flops", "load_average", "make_workload", "memory_by_batch", "memory_model",
     "mlp_flop_units", "mlp_phase_units", "peak_allocated", "profiled_step", "resident_bytes", "storage_bytes",
 ]

@@ -27,7 +27,7 @@ def sync(device: torch.device) -> None:
 def without_profiler_chatter() -> Iterator[None]:
     """The profiler's C++ backend prints 'USDT:<date> <time> <pid>:<tid> ...cpp:52] profiler_start' lines on file
     descriptor 2 (they would land, with time stamps, in a notebook's output), and PyTorch warns once when memory
-    allocated before profiling is freed (what :func:`~gradreg.bench.memory.peak_allocated`'s ``before`` is for).
+    allocated before profiling is freed (what :func:`~gradreg.bench.peak_allocated`'s ``before`` is for).
     Hold fd 2 in a temporary file meanwhile and pass on every line that is not one of these."""
     try:
         sys.stderr.flush()

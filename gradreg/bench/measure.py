@@ -1,14 +1,14 @@
 """The measurement: one loop over (phase, row) pairs — warm-up, time, memory, FLOPs — for every row.
 
-* **Time.** Every row has its own copy of the model and optimizer (:class:`~gradreg.bench.steppers.Stepper`).
+* **Time.** Every row has its own copy of the model and optimizer (:class:`~gradreg.bench.Stepper`).
   After ``warmup`` untimed rounds, ``repeats`` rounds run every row once, in an order rotated each round, so that
   slow phases of a shared machine hit all rows alike. Each step is timed with ``time.perf_counter`` (with
   ``torch.cuda.synchronize`` on a GPU); Python's garbage collector is paused while a step is timed. Reported: the
   median and the interquartile range of each row's times, and ratios as the median over rounds of the *paired*
   ratio t_row / t_reference within a round.
-* **Peak memory**: one more step per row, measured as :mod:`gradreg.bench.memory` describes.
+* **Peak memory**: one more step per row, measured as ``gradreg.bench.memory`` describes.
 * **FLOPs**: one more step per row under ``torch.utils.flop_counter.FlopCounterMode``
-  (:mod:`gradreg.bench.flops`).
+  (``gradreg.bench.flops``).
 
 A row that fails (DB through attention kernels without a double backward) is recorded with its error and left
 out of every later phase; the other rows go on.
@@ -95,7 +95,7 @@ def _time(stepper: Stepper, result: MethodResult, device: torch.device) -> None:
 
 
 def _profile(stepper: Stepper, result: MethodResult, device: torch.device) -> None:
-    """One step timed without the profiler, then one split into phases under it (:mod:`gradreg.bench.phases`)."""
+    """One step timed without the profiler, then one split into phases under it (``gradreg.bench.phases``)."""
     result.times_s.append(timed_step(stepper, device))
     result.splits.append(profiled_step(stepper, device))
 
@@ -138,7 +138,7 @@ def run(steppers: dict[str, Stepper], plan: Sequence[tuple[str, str]], device: t
 
 def prepare(model: str | Workload, device: str | torch.device | None, **workload_kwargs: Any
             ) -> tuple[Workload, torch.device]:
-    """The workload (built by :func:`~gradreg.bench.workloads.make_workload` unless given) and its device
+    """The workload (built by :func:`~gradreg.bench.make_workload` unless given) and its device
     (``None``: CUDA when available)."""
     if isinstance(model, Workload):
         return model, model.inputs.device
@@ -157,8 +157,8 @@ def benchmark(
 ) -> BenchResult:
     """Measure time, peak memory and FLOPs of one training step of each row (see the module docstring).
 
-    ``model`` is a name for :func:`~gradreg.bench.workloads.make_workload` (with the keyword arguments it takes)
-    or a :class:`~gradreg.bench.workloads.Workload` of your own. ``device=None`` picks CUDA when available. A row
+    ``model`` is a name for :func:`~gradreg.bench.make_workload` (with the keyword arguments it takes)
+    or a :class:`~gradreg.bench.Workload` of your own. ``device=None`` picks CUDA when available. A row
     that fails is recorded with its error. ``progress`` shows a tqdm bar (``None``: only in full-size mode, see
     :func:`gradreg.runtime.progress`).
     """
@@ -196,7 +196,7 @@ def breakdown(
 ) -> Breakdown:
     """Where each row's step time goes: ``rounds`` interleaved rounds (after ``warmup``), each taking, per row,
     one step without the profiler and one under it, split into the phases the engine marks
-    (:mod:`gradreg.bench.phases`). ``model`` and ``workload_kwargs`` as for :func:`benchmark`; ``config`` holds
+    (``gradreg.bench.phases``). ``model`` and ``workload_kwargs`` as for :func:`benchmark`; ``config`` holds
     γ, ε, the learning rate, the momentum and the attention kernel."""
     methods = check_rows(methods)
     if rounds < 1 or warmup < 0:

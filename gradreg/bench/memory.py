@@ -127,7 +127,7 @@ def memory_by_batch(
     methods: Sequence[str] = ("sgd", "two-passes", "forward", "double"), device: str | torch.device = "cpu",
     **workload_kwargs: Any,
 ) -> dict[str, Any]:
-    """Peak memory of one step of each row (as :func:`~gradreg.bench.measure.benchmark` measures it, no timing)
+    """Peak memory of one step of each row (as :func:`~gradreg.bench.benchmark` measures it, no timing)
     for several batch sizes, and the activations A of each batch (:func:`activation_bytes`). Returns
     ``{"batch_size": [...], "parameter_bytes": P, "activation_bytes": [...], "peak_bytes": {row: [...]}}``."""
     out: dict[str, Any] = {"batch_size": list(batch_sizes), "activation_bytes": [],

@@ -4,7 +4,7 @@ The engine marks its phases with ``torch.profiler.record_function`` ranges: ``gr
 θ), ``gradreg:perturb`` (θ + s δ swapped in), ``gradreg:pass2`` (the gradient there), ``gradreg:pass3`` (central
 only), ``gradreg:combine`` (the stencil's sum into ``.grad``), ``gradreg:check`` (finiteness) and
 ``gradreg:restore`` (θ back). The plain rows of the benchmark mark their passes with the same names
-(:mod:`gradreg.bench.steppers`), and ``torch.optim`` marks every optimizer's ``step`` and ``zero_grad``
+(``gradreg.bench.steppers``), and ``torch.optim`` marks every optimizer's ``step`` and ``zero_grad``
 (``Optimizer.step#SGD.step``). :func:`profiled_step` takes one step inside a range of its own and splits that
 range's time into:
 
@@ -83,7 +83,7 @@ def split_step(events: Sequence[Any], optimizer: str) -> dict[str, float]:
 
 def profiled_step(stepper: Stepper, device: torch.device) -> dict[str, float]:
     """Take one ``stepper.step()`` under ``torch.profiler`` (CPU activity, garbage collector paused) and split
-    its time (:func:`split_step`)."""
+    its time (``split_step``)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     was_enabled = gc.isenabled()

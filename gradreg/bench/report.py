@@ -25,7 +25,7 @@ class MethodResult:
     peak_bytes: int | None = None
     resident_bytes: int | None = None
     flops: int | None = None
-    #: Per profiled round (:mod:`gradreg.bench.phases`): seconds per phase, with ``"rest"`` and ``"total"``.
+    #: Seconds per phase of each profiled round (``gradreg.bench.phases``), with ``"rest"`` and ``"total"``.
     splits: list[dict[str, float]] = field(default_factory=list)
     error: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -166,8 +166,8 @@ _ROW_NAMES = {"zero_grad": "zero_grad (base optimizer)", "base step": "step (bas
 
 @dataclass
 class Breakdown:
-    """Where each row's step time goes (:func:`~gradreg.bench.measure.breakdown`): per round, one unprofiled step
-    (``times_s``) and one profiled step split into phases (``splits``, :mod:`gradreg.bench.phases`)."""
+    """Where each row's step time goes (:func:`~gradreg.bench.breakdown`): per round, one unprofiled step
+    (``times_s``) and one profiled step split into phases (``splits``, ``gradreg.bench.phases``)."""
 
     workload: str
     config: dict[str, Any]
@@ -249,7 +249,7 @@ class Breakdown:
 
 
 def new_results(methods: list[str]) -> dict[str, MethodResult]:
-    """An empty :class:`MethodResult` per row, labelled from :data:`gradreg.methods.LABELS`."""
+    """An empty :class:`MethodResult` per row, labelled from ``gradreg.methods.LABELS``."""
     return {m: MethodResult(m, LABELS[m]) for m in methods}
 
 

@@ -15,7 +15,7 @@ Every row uses the same base optimizer (SGD, momentum 0.9, no weight decay) on t
   update (a negligible saving for this row).
 
 The plain rows mark their passes with the profiler ranges the engine uses (``gradreg:pass1``, ``gradreg:pass2``),
-so that :mod:`gradreg.bench.breakdown` compares like with like; a range costs microseconds when no profiler runs.
+so that :func:`gradreg.bench.breakdown` compares like with like; a range costs microseconds when no profiler runs.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from gradreg.bench.workloads import Workload
 from gradreg.methods import METHODS
 from gradreg.optim import GR
 
-#: Every row the benchmark knows: the two references, the four GR methods, DB through torch.func.
+#: Every row the benchmark knows — the two references, the four GR methods and DB through torch.func.
 ROWS: tuple[str, ...] = ("sgd", "two-passes", *METHODS, "func-db")
 ATTENTION = ("default", "math")
 
