@@ -125,3 +125,15 @@ def test_breakdown_rejects_bad_arguments():
         bench.breakdown("mlp", rounds=0)
     with pytest.raises(ValueError, match="method must be one of"):
         bench.breakdown("mlp", methods=("two-passes", "fgr"))
+
+
+def test_profiled_and_unprofiled_steps_alternate(monkeypatch):
+    """Neither kind of step always comes first in its round (the first step after the other rows runs colder)."""
+    from gradreg.bench import measure
+
+    order = []
+    monkeypatch.setattr(measure, "timed_step", lambda s, d: order.append("plain") or 1.0)
+    monkeypatch.setattr(measure, "profiled_step", lambda s, d: order.append("profiled") or {"rest": 1.0, "total": 1.0})
+    result = bench.breakdown("mlp", depth=1, width=4, batch_size=2, rounds=4, warmup=0, methods=("sgd",))
+    assert order == ["plain", "profiled", "profiled", "plain"] * 2
+    assert result.profiler_overhead("sgd") == 1.0

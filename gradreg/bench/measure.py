@@ -95,9 +95,14 @@ def _time(stepper: Stepper, result: MethodResult, device: torch.device) -> None:
 
 
 def _profile(stepper: Stepper, result: MethodResult, device: torch.device) -> None:
-    """One step timed without the profiler, then one split into phases under it (``gradreg.bench.phases``)."""
-    result.times_s.append(timed_step(stepper, device))
-    result.splits.append(profiled_step(stepper, device))
+    """One step timed without the profiler and one split into phases under it (``gradreg.bench.phases``), in
+    alternating order from round to round, so that neither always follows the other rows' steps."""
+    if len(result.times_s) % 2:
+        result.splits.append(profiled_step(stepper, device))
+        result.times_s.append(timed_step(stepper, device))
+    else:
+        result.times_s.append(timed_step(stepper, device))
+        result.splits.append(profiled_step(stepper, device))
 
 
 def _memory(stepper: Stepper, result: MethodResult, device: torch.device) -> None:
