@@ -1,5 +1,6 @@
-"""The benchmark (gradreg.bench): exact FLOP counts, the CPU peak-memory method, the result's structure, the CLI.
+"""The benchmark (gradreg.bench): exact FLOP counts, the CPU peak-memory method, the result's structure.
 
+The command line is tested in test_bench_cli.py, the phase breakdown in test_bench_breakdown.py.
 No timing is asserted anywhere: times and their ratios depend on the machine and its load; they are reported.
 """
 
@@ -7,13 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from gradreg import bench
+from gradreg.methods import LABELS, METHODS
 
 DEPTHS = (2, 4, 8, 16, 32)
 
@@ -35,9 +35,17 @@ def test_mlp_flop_counts_of_the_other_methods():
                 "func-db": 12 * depth - 4}
     for method, units in expected.items():
         assert bench.mlp_flop_units(method, depth=depth, width=64, batch_size=8) == units, method
-    assert set(bench.FLOP_UNITS) == set(bench.METHODS)
-    for method, formula in bench.FLOP_UNITS.items():
-        assert formula(depth) == expected.get(method, formula(depth))
+    assert set(bench.FLOP_UNITS) == set(bench.ROWS) == set(bench.FLOP_FORMULAS)
+
+
+@pytest.mark.parametrize("depth", (1, 3, 7))
+def test_flop_model_formulas(depth):
+    """The model's functions are the formulas their docstrings and FLOP_FORMULAS state (an independent closed form)."""
+    closed = {"sgd": (3, -1), "two-passes": (6, -2), "forward": (6, -2), "backward": (6, -2), "central": (9, -3),
+              "double": (9, -5), "func-db": (12, -4)}
+    for row, (a, b) in closed.items():
+        assert bench.FLOP_UNITS[row](depth) == a * depth + b, row
+        assert bench.FLOP_FORMULAS[row] == f"{a}L−{-b}", row
 
 
 @pytest.mark.parametrize("depth", (2, 5))
@@ -108,9 +116,28 @@ def test_memory_by_batch_structure_and_the_extra_buffer():
     assert out["batch_size"] == [4, 16] and set(out["peak_bytes"]) == {"sgd", "two-passes", "forward", "double"}
     P = out["parameter_bytes"]
     assert P == 3 * 64 * 64 * 4
+    assert len(out["activation_bytes"]) == 2 and 0 < out["activation_bytes"][0] < out["activation_bytes"][1]
     for k in range(2):
         extra = out["peak_bytes"]["forward"][k] - out["peak_bytes"]["two-passes"][k]
         assert P <= extra <= P + 64 * 64 * 4, (extra, P)
+
+
+def test_activation_bytes_of_a_known_model():
+    """A bias-free ReLU MLP keeps, for the backward pass, the L − 1 ReLU outputs (ReLU saves its output, which is
+    also the next layer's saved input) and the log-softmax output — L tensors of batch × width — and the loss's
+    two scalars (the loss and nll_loss's total weight). The input x is not allocated by the forward pass."""
+    for depth, width, batch in ((3, 64, 16), (5, 32, 7)):
+        workload = bench.make_workload("mlp", depth=depth, width=width, batch_size=batch)
+        A = bench.activation_bytes(bench.Stepper("sgd", workload))
+        assert A == depth * batch * width * 4 + 2 * 4, (depth, width, batch, A)
+
+
+def test_memory_model():
+    P = 8.0
+    assert bench.memory_model(P, 0.0) == pytest.approx(4 / 3)
+    assert bench.memory_model(P, P) == pytest.approx(5 / 3)  # the maximum, where A = P
+    assert bench.memory_model(P, 100 * P) == pytest.approx(104 / 102)
+    assert max(bench.memory_model(P, a) for a in (0.5 * P, 0.9 * P, 1.1 * P, 2 * P)) < 5 / 3
 
 
 # ------------------------------------------------------------------------------------------------ structure
@@ -118,7 +145,7 @@ def test_memory_by_batch_structure_and_the_extra_buffer():
 
 def test_benchmark_result_structure():
     result = bench.benchmark("mlp", depth=2, width=32, batch_size=8, repeats=1, warmup=1, progress=False)
-    assert list(result.results) == list(bench.METHODS)
+    assert list(result.results) == list(bench.ROWS)
     for name, r in result.results.items():
         assert r.ok, (name, r.error)
         assert len(r.times_s) == 1 and r.times_s[0] > 0
@@ -128,13 +155,13 @@ def test_benchmark_result_structure():
     assert result.flop_units("sgd") == 5 and result.flop_units("forward") == 10 and result.flop_units("double") == 13
     assert result.memory_ratio("sgd") == 1.0
     table = result.table()
-    for label in bench.LABELS.values():
-        assert label in table
+    for row in bench.ROWS:
+        assert LABELS[row] in table
     assert "forward/two-passes time" in table
     data = result.to_dict()
     json.dumps(data, allow_nan=False)  # strict JSON: NaN became null
     assert set(data) == {"workload", "config", "machine", "methods", "headline"}
-    assert set(data["methods"]) == set(bench.METHODS)
+    assert set(data["methods"]) == set(bench.ROWS)
     row = data["methods"]["forward"]
     for key in ("median_s", "q25_s", "q75_s", "time_ratio_sgd", "time_ratio_two_passes", "peak_bytes",
                 "resident_bytes", "memory_ratio_sgd", "flops", "flop_ratio_sgd", "flop_units", "times_s", "error"):
@@ -181,41 +208,36 @@ def test_unknown_names_are_rejected():
         bench.benchmark("mlp", attention="flash")
 
 
-# ------------------------------------------------------------------------------------------------ CLI
+def test_rows_and_schedule():
+    """ROWS: the references around the one METHODS vocabulary; the timed rounds rotate the order."""
+    assert bench.ROWS == ("sgd", "two-passes", *METHODS, "func-db")
+    from gradreg.bench.measure import schedule
 
-
-def test_cli_prints_the_table_and_writes_json(tmp_path):
-    out = tmp_path / "out.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "gradreg.bench", "--model", "mlp", "--depth", "2", "--batch-size", "8",
-         "--repeats", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "Warning" not in proc.stderr, proc.stderr  # e.g. runpy's "found in sys.modules" for a module run with -m
-    assert "F-GR" in proc.stdout and "DB-GR" in proc.stdout and "two passes" in proc.stdout
-    data = json.loads(out.read_text())
-    assert data["config"]["depth"] == 2 and data["config"]["batch_size"] == 8
-    assert data["methods"]["double"]["flop_units"] == 13
-
-
-def test_cli_measures_a_model_of_your_own(tmp_path):
-    (tmp_path / "my_models.py").write_text(
-        "import torch.nn as nn\n"
-        "def tiny():\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "gradreg.bench", "--model", "my_models:tiny", "--input-shape", "3,2,2",
-         "--num-classes", "5", "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--no-memory",
-         "--methods", "sgd,forward,double"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "my_models:tiny, batch 4" in proc.stdout and "DB-GR" in proc.stdout
+    plan = schedule(["a", "b", "c"], warmup=1, repeats=3, memory=True, flops=False)
+    assert plan == [("warm-up", "a"), ("warm-up", "b"), ("warm-up", "c"),
+                    ("time", "a"), ("time", "b"), ("time", "c"), ("time", "b"), ("time", "c"), ("time", "a"),
+                    ("time", "c"), ("time", "a"), ("time", "b"), ("memory", "a"), ("memory", "b"), ("memory", "c")]
 
 
 def test_a_model_of_your_own_needs_an_input_shape():
     with pytest.raises(ValueError, match="input_shape is required"):
         bench.make_workload("gradreg.models:resnet18_cifar")
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"depth": 0}, "depth must be an integer >= 1"),
+    ({"width": -3}, "width must be an integer >= 1"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+])
+def test_bad_sizes_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bench.make_workload("mlp", **kwargs)
+
+
+def test_bad_rows_are_rejected():
+    with pytest.raises(ValueError, match="methods is empty"):
+        bench.benchmark("mlp", methods=())
+    with pytest.raises(ValueError, match="lists a name twice"):
+        bench.benchmark("mlp", methods=("sgd", "sgd"))
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        bench.benchmark("mlp", repeats=0)
