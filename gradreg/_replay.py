@@ -26,12 +26,13 @@ points, and must differentiate the *same* function each time. :class:`Replay` ma
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.modules import module as nn_module
 from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.nn.parameter import is_lazy
 
 RNGState = tuple[Tensor, list[Tensor]]
@@ -71,6 +72,48 @@ def annotate(exc: BaseException, message: str) -> None:
         exc.args = (f"{exc.args[0]}\n{message}", *exc.args[1:])
 
 
+_STEPS: list[Replay] = []  # the steps in progress, innermost last: the one hook below hands module calls to it
+_KEY: list[int] = []  # the hook's key, the same in every step: torch.compile guards on it (a new key recompiles)
+_EAGER: list[Callable[[torch.nn.Module, object], None]] = []  # _see, run eagerly from inside a compiled graph
+
+
+def _is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is what ``torch.compile(model)`` returns (its graph hides the modules inside)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None),
+                                                                      torch.nn.Module)
+
+
+def _see(module: torch.nn.Module, args: object) -> None:
+    if _STEPS:
+        _STEPS[-1]._pre_hook(module, args)
+
+
+def _norm_pre_hook(module: torch.nn.Module, args: object) -> None:
+    """The global forward pre-hook of every step: normalization layers and compiled modules go to the step (from
+    inside a graph that torch.compile traced, through a graph break, so that the step sees them eagerly)."""
+    if isinstance(module, _NormBase) or _is_compiled(module):
+        (_EAGER[0] if _EAGER and torch.compiler.is_compiling() else _see)(module, args)
+
+
+def _install(step: Replay) -> None:
+    _STEPS.append(step)
+    if len(_STEPS) > 1:
+        return
+    if not _EAGER and "torch._dynamo" in sys.modules:  # torch.compile is in use (importing it costs seconds)
+        _EAGER.append(torch.compiler.disable(_see))
+    if _KEY:
+        nn_module._global_forward_pre_hooks[_KEY[0]] = _norm_pre_hook
+    else:
+        _KEY.append(nn_module.register_module_forward_pre_hook(_norm_pre_hook).id)
+
+
+def _uninstall(step: Replay) -> None:
+    if step in _STEPS:
+        _STEPS.remove(step)
+    if not _STEPS:
+        nn_module._global_forward_pre_hooks.pop(_KEY[0], None)
+
+
 class Replay:
     """The context of one step over ``params``; see the module docstring. Use :meth:`close` or :meth:`rollback`.
 
@@ -95,19 +138,20 @@ class Replay:
         self.passes = 0
         self.saved: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}  # buffers before the step
         self.frozen: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}  # buffers to put back after a pass
-        self.handle = register_module_forward_pre_hook(self._pre_hook)
+        _install(self)
 
     @property
     def replaying(self) -> bool:
         return self.replay_first or self.passes > 1
 
     def _pre_hook(self, module: torch.nn.Module, args: object) -> None:
-        if not isinstance(module, _NormBase):
-            return
-        if module not in self.saved:
-            self.saved[module] = _copy_buffers(module)
-        if self.replaying and module not in self.frozen:
-            self.frozen[module] = _copy_buffers(module)
+        """Before a normalization layer runs (or a compiled module, with every one inside it): keep its buffers."""
+        inside = module._orig_mod.modules() if _is_compiled(module) else [module]
+        for norm in (m for m in inside if isinstance(m, _NormBase)):
+            if norm not in self.saved:
+                self.saved[norm] = _copy_buffers(norm)
+            if self.replaying and norm not in self.frozen:
+                self.frozen[norm] = _copy_buffers(norm)
 
     def begin_pass(self) -> None:
         self.passes += 1
@@ -192,7 +236,7 @@ class Replay:
             _set_rng_state(self.rng_start)
         elif self.rng_after_first is not None:
             _set_rng_state(self.rng_after_first)
-        self.handle.remove()
+        _uninstall(self)
 
     def rollback(self, exc: BaseException | None = None, where: str = "", hint: str = "") -> None:
         """Failure: parameters, ``.grad``, running statistics and generators exactly as before the step."""
@@ -203,7 +247,7 @@ class Replay:
         for pairs in self.saved.values():
             _put_back(pairs)
         _set_rng_state(self.rng_start)
-        self.handle.remove()
+        _uninstall(self)
         if exc is not None:
             annotate(exc, f"gradreg: raised {where}; parameters, .grad, running statistics and RNG were restored."
                           + hint)

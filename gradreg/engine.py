@@ -22,7 +22,9 @@ is checked once, on d, which every pass's non-finite values reach; the failing p
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -195,6 +197,14 @@ def _raise_if_nonfinite(method: str, losses: list[Tensor], direction: list[Tenso
 _NO_DOUBLE_BACKWARD = re.compile(r"derivative for .* is not implemented|double backward|does not support double")
 
 
+def _eager_if_compiled(method: str) -> contextlib.AbstractContextManager:
+    """DB-GR differentiates the gradient's graph again, which torch.compile's graphs cannot (AOTAutograd has no
+    double backward): with ``method="double"``, compiled modules run eagerly."""
+    if method == "double" and "torch._dynamo" in sys.modules and hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
+
+
 def gr_direction(closure: Callable[[], Tensor] | Sequence[Callable[[], Tensor]], groups: Sequence[ParamGroup], *,
                  method: str = "forward", perturbation: str = "raw", adaptive_eta: float = 0.01,
                  buffer: dict[Tensor, Tensor] | None = None, loss_scale: float = 1.0,
@@ -216,8 +226,10 @@ def gr_direction(closure: Callable[[], Tensor] | Sequence[Callable[[], Tensor]],
     groups = checked_groups(groups, method, perturbation, adaptive_eta)
     replay = Replay([p for group in groups for p in group.params], closures=closures, loss_scale=loss_scale, ddp=ddp)
     try:
-        outcome = (_double_backprop(groups, replay, local_perturbation) if method == "double" else
-                   _finite_differences(groups, replay, perturbation, adaptive_eta, method, buffer, local_perturbation))
+        with _eager_if_compiled(method):
+            outcome = (_double_backprop(groups, replay, local_perturbation) if method == "double" else
+                       _finite_differences(groups, replay, perturbation, adaptive_eta, method, buffer,
+                                           local_perturbation))
         with record_function("gradreg:check"):
             _raise_if_nonfinite(method, *outcome)
     except NonFiniteError:
