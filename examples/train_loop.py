@@ -32,7 +32,7 @@ def make_model(seed: int = 0) -> nn.Module:
 
 
 # [start-train]
-def train(model: nn.Module, loader: torch.utils.data.DataLoader, epochs: int = 3) -> list[float]:
+def train(model: nn.Module, loader: torch.utils.data.DataLoader, epochs: int = 3) -> tuple[list[float], gr.GR]:
     """F-GR with SGD and a cosine learning-rate schedule: the closure returns the loss, gradreg differentiates."""
     optimizer = gr.GR(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                       gamma=0.05, eps=0.05, method="forward")
@@ -44,7 +44,7 @@ def train(model: nn.Module, loader: torch.utils.data.DataLoader, epochs: int = 3
             loss = optimizer.step(lambda x=x, y=y: nn.functional.cross_entropy(model(x), y))
             scheduler.step()  # schedulers work on the wrapper: its param_groups are the base optimizer's
             losses.append(float(loss))
-    return losses
+    return losses, optimizer
 # [end-train]
 
 
@@ -114,7 +114,7 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
     model = make_model()
-    losses = train(model, loader)
+    losses, _ = train(model, loader)
     print(f"train: loss {losses[0]:.3f} → {losses[-1]:.3f}, accuracy {accuracy(model, data):.3f}")
     scaler = torch.amp.GradScaler("cpu")
     recipes = {
