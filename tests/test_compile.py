@@ -27,7 +27,6 @@ STEPS = 3
 METHODS = ["forward", "backward", "central", "sam"]
 # Fixed by the engine patch proposed in issue 12 (one hook key for every step; the compiled module's layers found
 # through the hook's call for it; DB-GR runs compiled modules eagerly). Remove the marks when it lands.
-NEEDS_ENGINE_PATCH = pytest.mark.xfail(strict=True, reason="needs the compile-aware hook of the issue-12 engine patch")
 
 
 def example(name: str):
@@ -98,7 +97,6 @@ def test_compiled_steps_equal_the_eager_steps(method):
     assert int(model.bn.num_batches_tracked) == STEPS
 
 
-@NEEDS_ENGINE_PATCH
 def test_the_model_is_compiled_once():
     """The hook of each step must look the same to Dynamo's guards: no recompilation after the first step."""
     model = net()
@@ -110,7 +108,6 @@ def test_the_model_is_compiled_once():
     assert counter.frame_count == frames
 
 
-@NEEDS_ENGINE_PATCH
 @pytest.mark.parametrize("method", ["forward", "central"])
 def test_a_model_compiled_before_the_first_step_updates_batchnorm_once(method):
     eager, model = net(), net()
@@ -125,7 +122,6 @@ def test_a_model_compiled_before_the_first_step_updates_batchnorm_once(method):
     assert int(model.bn.num_batches_tracked) == STEPS + 1
 
 
-@NEEDS_ENGINE_PATCH
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 def test_double_backprop_runs_a_compiled_model_eagerly(warm):
     """AOTAutograd has no double backward ('donated buffers' when the graph was compiled for a plain backward,

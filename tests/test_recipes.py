@@ -329,7 +329,6 @@ def fsdp_result(tmp_path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs the DTensor check of the issue-12 engine patch")
 def test_fsdp_is_refused_clearly_and_its_sharded_norm_is_global(tmp_path):
     """FSDP2 shards each parameter (DTensor) and runs the forward pass on gathered copies: gradreg's passes, which
     back-propagate into the parameters themselves, would find no gradient and leave the model where it is. Until
