@@ -199,10 +199,15 @@ class Replay:
                 raise ClosureError(
                     "the closure changed .grad (it called zero_grad() or backward()): the closure must only run "
                     "the forward pass and return the loss, e.g. lambda: loss_fn(model(x), y) — remove "
-                    "optimizer.zero_grad()/model.zero_grad()/loss.backward() from it; gradreg differentiates itself"
+                    "optimizer.zero_grad()/model.zero_grad()/loss.backward() from it; gradreg differentiates itself. "
+                    "A trainer whose closure calls backward (Lightning's automatic optimization) cannot drive GR: "
+                    "use manual optimization and GR.direction (see the book's How-to page)"
                 )
         if not isinstance(loss, Tensor):
-            raise TypeError(f"closure must return the loss as a scalar tensor, got {type(loss).__name__}")
+            hint = ("; a trainer that passes an empty closure of its own (Lightning's opt.step() on a GR optimizer) "
+                    "needs the base optimizer instead, with GR.direction in training_step (see the How-to page)"
+                    if loss is None else "")
+            raise TypeError(f"closure must return the loss as a scalar tensor, got {type(loss).__name__}{hint}")
         if loss.ndim != 0:
             raise ValueError(f"closure must return a scalar loss, got shape {tuple(loss.shape)}")
         if not loss.requires_grad:

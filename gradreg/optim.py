@@ -247,7 +247,9 @@ class GR(Optimizer):
         if closure is None:
             raise TypeError(
                 "GR.step() needs a closure that runs the forward pass and returns the loss (without calling "
-                "backward), e.g. optimizer.step(lambda: loss_fn(model(x), y))"
+                "backward), e.g. optimizer.step(lambda: loss_fn(model(x), y)). A trainer that calls "
+                "optimizer.step() itself (the Hugging Face Trainer) must get the base optimizer: fill .grad with "
+                "GR.direction(closure) in its training step (see the book's How-to page)"
             )
         loss = self.direction(closure, scaler=scaler)
         if scaler is not None and scaler.is_enabled():
