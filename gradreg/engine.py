@@ -10,7 +10,7 @@ stencil of :mod:`gradreg.methods` (c = γ/ε, δ the perturbation):
     central  (s, w) = (+1, ½), (−1, −½):   d = g + c [∇L(θ + δ) − ∇L(θ − δ)] / 2     error O(ε²)
 
 δ = ε g (``perturbation="raw"``, the paper's step), ε g/‖g‖ (``"normalized"``: SAM, GNP) or ε T²g/‖Tg‖
-(``"adaptive"``: ASAM). All passes of a step run in one :class:`gradreg._replay.Replay`: same dropout masks,
+(``"adaptive"``: ASAM). All passes of a step run in one :class:`gradreg.replay.Replay`: same dropout masks,
 running statistics updated once, the closure's manners checked, and everything restored if a pass fails.
 
 For speed, every coefficient rides on a backward seed: pass 1 back-propagates (1 − cΣw)·L, so ``.grad`` holds
@@ -33,7 +33,7 @@ from torch.autograd.profiler import record_function
 
 from gradreg._checks import ParamGroup, as_params, checked_groups
 from gradreg._perturb import kept, perturbed_point
-from gradreg._replay import Replay
+from gradreg.replay import Replay
 from gradreg.methods import METHODS, PERTURBATIONS, STENCILS
 
 __all__ = ["METHODS", "PERTURBATIONS", "NonFiniteError", "ParamGroup", "gr_direction", "gr_grad", "pass_name"]

@@ -10,7 +10,7 @@ measure *before* calling: in training mode BatchNorm normalizes with the batch s
 masks, in eval mode BatchNorm uses its running statistics and dropout is off — two different functions with two
 different Hessians. :func:`top_eigenvalue` keeps a training-mode function fixed across its many calls: it
 replays the same random numbers in every call (same dropout masks) and stops normalization layers from updating
-their running statistics (:class:`gradreg._replay.Replay`, the step context the GR engine uses too), so measuring
+their running statistics (:class:`gradreg.replay.Replay`, the step context the GR engine uses too), so measuring
 leaves the model, its buffers, ``.grad`` and the RNG as they were.
 """
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from gradreg._checks import as_params
-from gradreg._replay import Replay
+from gradreg.replay import Replay
 
 
 def _as_list(tensors: Sequence[Tensor] | Tensor) -> list[Tensor]:
@@ -87,7 +87,7 @@ def top_eigenvalue(
     eigenvalue dominates the result is negative. It converges like (λ₂/λ₁)^{2k}; ``converged=False`` says the
     tolerance was not reached (e.g. when λ and −λ are both eigenvalues of the largest magnitude).
 
-    The closure is evaluated once per iteration as the same function, in a :class:`gradreg._replay.Replay`
+    The closure is evaluated once per iteration as the same function, in a :class:`gradreg.replay.Replay`
     (same dropout masks; running statistics of every normalization layer, InstanceNorm included, untouched;
     ``.grad`` untouched), and the RNG is left as it was. ``iters`` ≥ 1, ``tol`` ≥ 0, and ``v0`` has one finite,
     not-all-zero tensor per parameter, shaped like it.

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from gradreg._replay import Replay
+from gradreg.replay import Replay
 from gradreg.hessian import hvp, top_eigenvalue
 
 

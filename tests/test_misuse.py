@@ -101,7 +101,7 @@ def test_a_closure_that_touches_grad_and_then_fails_leaves_grad_bit_for_bit():
 
 
 def test_the_error_names_the_pass_on_python_without_add_note():
-    from gradreg._replay import annotate
+    from gradreg.replay import annotate
 
     class NoNotes(RuntimeError):
         add_note = property(lambda self: (_ for _ in ()).throw(AttributeError("add_note")))
