@@ -100,9 +100,11 @@ class GR(Optimizer):
         adaptive_eta: η ≥ 0 in ASAM's T = |θ| + η (``perturbation="adaptive"`` only).
         on_nonfinite: ``"raise"`` a :class:`gradreg.NonFiniteError`, or ``"skip"`` the step (count it in
             ``skipped_steps``) when a pass yields a non-finite loss or gradient. Either way nothing changes.
-        keep_buffer: keep the buffer of the perturbed point between steps instead of allocating it in every
-            step: no allocation and no page faults per step, at the price of one parameter-sized buffer held
-            between steps too (the peak during a step is the same).
+        keep_buffer: keep the buffer of the perturbed point θ + δ between steps (the default), as SAM
+            implementations keep their copy of θ: no allocation and no page faults per step. The price is one
+            parameter-sized buffer held between steps too; the peak memory of a step is the same either way.
+            ``False`` allocates it in every step and frees it after (measured 2–8 % slower per step on a
+            width-512 MLP on a CPU, from page faults).
         ddp: the ``DistributedDataParallel`` module the closure calls. Gradients are then synchronised where the
             mathematics needs it and nowhere else: by default the perturbation uses the all-reduced gradient
             (a DDP step equals the single-process step on the concatenated batch; two all-reduces per step);
@@ -128,7 +130,7 @@ class GR(Optimizer):
         perturbation: str = "raw",
         adaptive_eta: float = 0.01,
         on_nonfinite: str = "raise",
-        keep_buffer: bool = False,
+        keep_buffer: bool = True,
         ddp: torch.nn.Module | None = None,
         local_perturbation: bool = False,
     ):

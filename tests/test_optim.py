@@ -249,3 +249,23 @@ def test_every_torch_lr_scheduler_drives_the_wrapper_as_it_drives_the_base(name)
             seen.append([(g["lr"], g["momentum"]) for g in base.param_groups])
         runs[wrapped] = seen
     assert runs[True] == runs[False]
+
+
+@pytest.mark.parametrize("method", ["forward", "backward", "central"])
+@pytest.mark.parametrize("perturbation", ["raw", "normalized"])
+def test_the_kept_buffer_changes_nothing_but_where_the_point_lives(method, perturbation):
+    data = batches(3)
+    kept_model, fresh_model = mlp(), mlp()
+    kept = gr.GR(torch.optim.SGD(kept_model.parameters(), lr=0.05, momentum=0.9), gamma=0.05, eps=0.1,
+                 method=method, perturbation=perturbation)
+    fresh = gr.GR(torch.optim.SGD(fresh_model.parameters(), lr=0.05, momentum=0.9), gamma=0.05, eps=0.1,
+                  method=method, perturbation=perturbation, keep_buffer=False)
+    torch.manual_seed(7)
+    train(kept_model, kept, data[:1], gr_step=True)
+    pointers = {id(p): b.data_ptr() for p, b in kept.buffer.items()}
+    train(kept_model, kept, data[1:], gr_step=True)
+    torch.manual_seed(7)
+    train(fresh_model, fresh, data, gr_step=True)
+    assert_same(kept_model.state_dict(), fresh_model.state_dict())
+    assert fresh.buffer is None and len(kept.buffer) == len(list(kept_model.parameters()))
+    assert {id(p): b.data_ptr() for p, b in kept.buffer.items()} == pointers  # the same memory every step

@@ -131,11 +131,14 @@ class Stepper:
                 self.optimizer.step(self.closure)
 
     def held_tensors(self) -> list[Tensor]:
-        """What this row holds between steps: parameters, ``.grad``, buffers and the optimizer's state."""
+        """What this row holds between steps: parameters, ``.grad``, buffers, the optimizer's state and GR's kept
+        buffer of the perturbed point."""
         tensors: list[Tensor] = []
         for p in self.model.parameters():
             tensors += [p] if p.grad is None else [p, p.grad]
         tensors += list(self.model.buffers())
         for state in self.base.state.values():
             tensors += [v for v in state.values() if isinstance(v, Tensor)]
+        if isinstance(self.optimizer, GR) and self.optimizer.buffer:  # the perturbed point, kept between steps
+            tensors += list(self.optimizer.buffer.values())
         return tensors
