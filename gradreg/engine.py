@@ -33,8 +33,8 @@ from torch.autograd.profiler import record_function
 
 from gradreg._checks import ParamGroup, as_params, checked_groups
 from gradreg._perturb import kept, perturbed_point
-from gradreg.replay import Replay
 from gradreg.methods import METHODS, PERTURBATIONS, STENCILS
+from gradreg.replay import Replay
 
 __all__ = ["METHODS", "PERTURBATIONS", "NonFiniteError", "ParamGroup", "gr_direction", "gr_grad", "pass_name"]
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from gradreg.replay import Replay
 from gradreg.hessian import hvp, top_eigenvalue
+from gradreg.replay import Replay
 
 
 def _tiny(seed: int = 0):
