@@ -200,8 +200,10 @@ _NO_DOUBLE_BACKWARD = re.compile(r"derivative for .* is not implemented|double b
 def _eager_if_compiled(method: str) -> contextlib.AbstractContextManager:
     """DB-GR differentiates the gradient's graph again, which torch.compile's graphs cannot (AOTAutograd has no
     double backward): with ``method="double"``, compiled modules run eagerly."""
-    if method == "double" and "torch._dynamo" in sys.modules and hasattr(torch.compiler, "set_stance"):
-        return torch.compiler.set_stance("force_eager")
+    if method == "double" and "torch._dynamo" in sys.modules:
+        if hasattr(torch.compiler, "set_stance"):
+            return torch.compiler.set_stance("force_eager")
+        return sys.modules["torch._dynamo"].config.patch(disable=True)  # torch < 2.6 has no set_stance
     return contextlib.nullcontext()
 
 
