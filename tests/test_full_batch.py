@@ -258,3 +258,13 @@ def test_at_loss_interpolates_log_log_at_the_last_fall_through_the_level():
         at_loss(history, 0.0, "grad_norm")
     with pytest.raises(ValueError, match="key must be"):
         at_loss(history, 0.1, "losses")
+
+
+def test_at_loss_reads_the_per_step_gradient_norms_against_the_per_step_losses():
+    losses = [2.0, 0.5, 0.2, 0.08, 0.01]
+    history = FullBatchHistory(method="gd", lr=1.0, losses=losses, grad_norms=[0.5 * v**0.5 for v in losses],
+                               loss=[2.0, 0.01], grad_norm=[9.0, 9.0])
+    assert at_loss(history, 0.1, "grad_norms") == pytest.approx(0.5 * 0.1**0.5, rel=1e-12)
+    assert at_loss(history, 0.1, "grad_norm") == pytest.approx(9.0, rel=1e-12)  # the measured series
+    with pytest.raises(ValueError, match="never falls"):
+        at_loss(FullBatchHistory(method="forward", lr=1.0, losses=losses), 0.1, "grad_norms")  # no per-step norms

@@ -213,20 +213,27 @@ def full_batch_run(
     return history
 
 
-def at_loss(history: FullBatchHistory, level: float, key: str) -> float:
-    """A measured quantity of a run (``"grad_norm"`` or ``"sharpness"``) at the training loss ``level``.
+#: The series :func:`at_loss` reads: each quantity and the loss it is recorded against.
+AT_LOSS_KEYS: dict[str, str] = {"grad_norm": "loss", "sharpness": "loss", "grad_norms": "losses"}
 
-    Interpolates log-log between the two measurements around the *last* time the measured loss fell through
-    ``level`` (L_i > level ≥ L_{i+1}): v = exp((1 − w) log v_i + w log v_{i+1}),
-    w = log(L_i/level)/log(L_i/L_{i+1}). Compares runs at equal loss, e.g. flooding at b with GD passing b.
+
+def at_loss(history: FullBatchHistory, level: float, key: str) -> float:
+    """A quantity of a run at the training loss ``level``: a measured ``"grad_norm"`` or ``"sharpness"`` (against
+    the measured ``loss``), or the per-step gradient norm ``"grad_norms"`` (against the per-step ``losses``; GD
+    and flooding only).
+
+    Interpolates log-log between the two records around the *last* time the loss fell through ``level``
+    (L_i > level ≥ L_{i+1}): v = exp((1 − w) log v_i + w log v_{i+1}), w = log(L_i/level)/log(L_i/L_{i+1}).
+    Compares runs at equal loss, e.g. flooding at b with GD passing b.
     """
-    if key not in ("grad_norm", "sharpness"):
-        raise ValueError(f"key must be 'grad_norm' or 'sharpness', got {key!r}")
+    if key not in AT_LOSS_KEYS:
+        raise ValueError(f"key must be one of {', '.join(map(repr, AT_LOSS_KEYS))}, got {key!r}")
     level = check_real("level", level, positive=True)
-    losses, values = history.loss, getattr(history, key)
-    falls = [i for i in range(len(losses) - 1) if losses[i] > level >= losses[i + 1]]
+    losses, values = getattr(history, AT_LOSS_KEYS[key]), getattr(history, key)
+    falls = [i for i in range(min(len(losses), len(values)) - 1) if losses[i] > level >= losses[i + 1]]
     if not falls:
-        raise ValueError(f"the measured loss of this {history.method!r} run never falls through {level}")
+        raise ValueError(f"the loss of this {history.method!r} run never falls through {level} (in the records "
+                         f"of {key!r})")
     i = falls[-1]
     if min(values[i], values[i + 1], losses[i + 1]) <= 0:
         raise ValueError("log-log interpolation needs positive losses and values")
