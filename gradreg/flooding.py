@@ -92,7 +92,7 @@ def _check_closure(closure: object) -> None:
 
 
 def flat(params: Iterable[Tensor]) -> Tensor:
-    """The parameters as one detached vector (a copy): :func:`torch.nn.utils.parameters_to_vector`."""
+    """The parameters as one detached vector (a copy), by ``torch.nn.utils.parameters_to_vector``."""
     with torch.no_grad():
         return parameters_to_vector(params)
 
@@ -100,7 +100,7 @@ def flat(params: Iterable[Tensor]) -> Tensor:
 def load_flat(params: Sequence[Tensor], vector: Tensor) -> None:
     """Copy ``vector`` into ``params`` in place, the inverse of :func:`flat`.
 
-    In place on purpose: :func:`torch.nn.utils.vector_to_parameters` instead rebinds every ``p.data`` to a
+    In place on purpose: ``torch.nn.utils.vector_to_parameters`` instead rebinds every ``p.data`` to a
     view of ``vector``, so the parameters would share memory with it (and with each other's storage).
     """
     sizes = [p.numel() for p in params]

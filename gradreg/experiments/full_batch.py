@@ -7,7 +7,7 @@ Every method takes steps of size η = ``lr`` on the whole training set:
     "flooding"  θ ← θ − η sign(L(θ) − b) ∇L(θ)                    torch.optim.SGD(lr=η) on |L − b| + b
     "forward"   θ ← θ − η [(1 − γ/ε) ∇L(θ) + (γ/ε) ∇L(θ + ε ∇L(θ))]   gradreg.GR(SGD(lr=η), gamma=γ, eps=ε)
 
-and likewise ``"backward"``, ``"central"`` and ``"double"`` (any name of :data:`gradreg.methods.METHODS`).
+and likewise ``"backward"``, ``"central"`` and ``"double"`` (any name of ``gradreg.methods.METHODS``).
 GD and flooding use torch's closure convention (zero the gradients, ``backward()``, return the loss); GR methods
 use gradreg's (return the loss, no ``backward()``: the engine differentiates).
 """
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+import gradreg.data
 from gradreg.data import Dataset
 from gradreg.experiments import evaluate
 from gradreg.flooding import Crossing, CrossingRecorder, check_int, check_real, flat, flooded
@@ -34,8 +35,6 @@ Stepper = Callable[[], tuple[float, float]]
 
 #: What ``full_batch_run(method=...)`` accepts: the two references, then every GR method.
 RUN_NAMES: tuple[str, ...] = ("gd", "flooding", *METHODS)
-#: The quantities measured every ``measure_every`` steps (the fields of :class:`FullBatchHistory` of that name).
-MEASURED: tuple[str, ...] = ("loss", "grad_norm", "sharpness", "test_accuracy")
 
 
 @dataclass
@@ -100,14 +99,15 @@ def _stepper(
 
 
 class Measurer:
-    """Measures a model during a run: loss, ‖∇L‖, sharpness and test accuracy (:data:`MEASURED`).
+    """Measures a model during a run: ``loss``, ``grad_norm`` ‖∇L‖, ``sharpness`` and ``test_accuracy``.
 
     The sharpness is a power iteration (:func:`gradreg.hessian.top_eigenvalue`) with at most ``iters``
     Hessian–vector products and relative tolerance ``tol``, warm-started from the previous measurement's
     eigenvector (seeded with the step number the first time).
     """
 
-    def __init__(self, model: nn.Module, data: Dataset, loss_fn: LossFn, *, iters: int = 20, tol: float = 1e-3):
+    def __init__(self, model: torch.nn.Module, data: gradreg.data.Dataset, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 *, iters: int = 20, tol: float = 1e-3):
         self.model, self.data, self.loss_fn = model, data, loss_fn
         self.iters = check_int("sharpness_iters", iters, minimum=1)
         self.tol = check_real("sharpness_tol", tol, positive=True)
@@ -175,7 +175,7 @@ def full_batch_run(
     """Train ``model`` in place (training mode) on ``data.x, data.y`` for ``steps`` full-batch steps of ``method``.
 
     ``method``: ``"gd"``, ``"flooding"`` (needs the flood level ``b``) or a GR method of
-    :data:`gradreg.methods.METHODS` (needs ``gamma``, and ``eps`` unless ``"double"``); see the module docstring.
+    ``gradreg.methods.METHODS`` (needs ``gamma``, and ``eps`` unless ``"double"``); see the module docstring.
     Records the loss (and ‖∇L‖ for GD and flooding) at every step and, every ``measure_every`` steps and at the
     end, what :class:`Measurer` measures (``measure_every=None``: nothing). A flooding run keeps up to
     ``keep_crossings`` crossings of each kind, every ``crossing_stride``-th one, for
