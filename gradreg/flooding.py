@@ -14,36 +14,109 @@ the plain-loss terms cancel and what is left is η² times the forward finite-di
 ε = η: one F-GR-type step on ½‖∇L‖² with step size η². Crossing from above (descent, then ascent) gives
 θ_{t+2} = θ_t − η² [g − ∇L(θ_t − η g)] / η, the backward (B-GR-type) estimate.
 
-This module has the flooded loss (:func:`flooded`, batch-level or per-example iFlood), a flooding GD step and a
-full-batch runner that records the loss at every step and the parameters around a bounded number of crossings
-(:func:`flooding_gd`), the crossing finder (:func:`find_crossings`), the identity check
-(:func:`two_step_identity`) and the full-batch comparison of GD, flooding and F-GR used by Chapter 4
-(:func:`full_batch_run`).
+This module has the flooded loss (:func:`flooded`, batch-level or per-example iFlood), one flooding step
+(:func:`flooding_step`), the crossing finder (:func:`find_crossings`) and a bounded recorder of crossings
+(:class:`CrossingRecorder`), and the identity check (:func:`two_step_identity`). Training runs (GD, flooding,
+F-GR on the full batch) live in :mod:`gradreg.experiments.full_batch`. Every public function checks its
+arguments before doing any work.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torch.nn.utils import parameters_to_vector
 
-from gradreg.data import Dataset
 from gradreg.engine import gr_grad
-from gradreg.hessian import hvp, top_eigenvalue
-from gradreg.optim import GR
-from gradreg.runtime import progress
+from gradreg.hessian import hvp
 
 Kind = Literal["up", "down"]
-LossFn = Callable[[Tensor, Tensor], Tensor]
+KINDS: tuple[str, ...] = ("up", "down")
+
+
+# ------------------------------------------------------------------------------------------ argument checks
+
+
+def check_real(name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` as a float if it is a finite real number ≥ 0 (> 0 with ``positive``); else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        allowed = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """``value`` if it is an integer ≥ ``minimum``; else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_params(params: object) -> list[Tensor]:
+    """The tensors of ``params`` that require grad (frozen ones are left out), as a non-empty list.
+
+    Like torch.optim, it refuses a single bare tensor (iterating it would give its rows).
+    """
+    if isinstance(params, Tensor):
+        raise TypeError("params must be an iterable of tensors, got a single Tensor: pass [tensor] or "
+                        "model.parameters()")
+    if not isinstance(params, Iterable):
+        raise TypeError(f"params must be an iterable of tensors (e.g. model.parameters()), got "
+                        f"{type(params).__name__}")
+    params = list(params)
+    bad = [type(p).__name__ for p in params if not isinstance(p, Tensor)]
+    if bad:
+        raise TypeError(f"params must contain tensors only, got {bad[0]} (for named_parameters(), pass the "
+                        f"tensors: [p for _, p in model.named_parameters()])")
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError("params: no tensor requires grad (an empty list, or every parameter frozen)")
+    return trainable
+
+
+def _check_closure(closure: object) -> None:
+    if not callable(closure):
+        raise TypeError(f"closure must be a callable that returns the loss, got {type(closure).__name__}")
+
+
+def flat(params: Iterable[Tensor]) -> Tensor:
+    """The parameters as one detached vector (a copy), by ``torch.nn.utils.parameters_to_vector``."""
+    with torch.no_grad():
+        return parameters_to_vector(params)
+
+
+def load_flat(params: Sequence[Tensor], vector: Tensor) -> None:
+    """Copy ``vector`` into ``params`` in place, the inverse of :func:`flat`.
+
+    In place on purpose: ``torch.nn.utils.vector_to_parameters`` instead rebinds every ``p.data`` to a
+    view of ``vector``, so the parameters would share memory with it (and with each other's storage).
+    """
+    sizes = [p.numel() for p in params]
+    if vector.ndim != 1 or vector.numel() != sum(sizes):
+        raise ValueError(f"vector must be flat with {sum(sizes)} entries (one per parameter entry), got shape "
+                         f"{tuple(vector.shape)}")
+    with torch.no_grad():
+        for p, chunk in zip(params, vector.split(sizes)):
+            p.copy_(chunk.view_as(p))
+
+
+# ------------------------------------------------------------------------------------- the flooded loss, a step
 
 
 def flooded(loss: Tensor, b: float) -> Tensor:
-    """The flooded loss with flood level ``b``.
+    """The flooded loss with flood level ``b`` ≥ 0.
 
     * a scalar ``loss`` L (batch-level flooding, Ishida et al. 2020): |L − b| + b;
     * a vector of per-example losses ℓ_i (iFlood, Xie et al. 2022): mean_i (|ℓ_i − b| + b).
@@ -53,8 +126,7 @@ def flooded(loss: Tensor, b: float) -> Tensor:
     """
     if not isinstance(loss, Tensor):
         raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
-    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
-        raise TypeError(f"b must be a finite number, got {b!r}")
+    b = check_real("b (the flood level)", b)
     if loss.ndim == 0:
         return (loss - b).abs() + b
     if loss.ndim == 1:
@@ -63,40 +135,30 @@ def flooded(loss: Tensor, b: float) -> Tensor:
                      f"{tuple(loss.shape)}")
 
 
-def flooding_step(closure: Callable[[], Tensor], params: Sequence[Tensor], *, lr: float, b: float) -> Tensor:
+def flooding_step(closure: Callable[[], Tensor], params: Iterable[Tensor], *, lr: float, b: float) -> Tensor:
     """One gradient-descent step on the flooded loss: θ ← θ − η sign(L(θ) − b) ∇L(θ). Returns L(θ) (detached).
 
-    ``closure()`` returns the plain loss L (a scalar); ``params`` are updated in place.
+    ``closure()`` returns the plain loss L (a scalar, no ``backward()`` inside); ``params`` are updated in place.
+    The written-out definition; a training loop gets the same step from ``torch.optim.SGD`` on :func:`flooded`
+    (:func:`gradreg.experiments.full_batch.full_batch_run`).
     """
-    return _flooding_step(closure, list(params), lr, b)[0]
-
-
-def _flooding_step(closure: Callable[[], Tensor], params: list[Tensor], lr: float, b: float) -> tuple[Tensor, float]:
-    """:func:`flooding_step`, also returning ‖∇L(θ)‖ (the flooded gradient is ±∇L, so it has the same norm)."""
+    _check_closure(closure)
+    params = check_params(params)
+    lr = check_real("lr", lr, positive=True)
+    b = check_real("b (the flood level)", b)
     with torch.enable_grad():
         loss = closure()
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            raise ValueError("closure must return the plain loss L as a scalar tensor")
         grads = torch.autograd.grad(flooded(loss, b), params, allow_unused=True)
     with torch.no_grad():
         for p, g in zip(params, grads):
             if g is not None:
                 p.add_(g, alpha=-lr)
-    return loss.detach(), _norm([g for g in grads if g is not None])
+    return loss.detach()
 
 
-def _norm(tensors: Sequence[Tensor]) -> float:
-    return float(torch.sqrt(sum((t.detach() ** 2).sum() for t in tensors)))
-
-
-def _flat(params: Sequence[Tensor]) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
-
-
-def _unflatten_into(params: Sequence[Tensor], flat: Tensor) -> None:
-    with torch.no_grad():
-        start = 0
-        for p in params:
-            p.copy_(flat[start:start + p.numel()].view_as(p))
-            start += p.numel()
+# ------------------------------------------------------------------------------------------------ crossings
 
 
 @dataclass
@@ -121,8 +183,10 @@ class Crossings:
 def find_crossings(losses: Sequence[float], b: float) -> Crossings:
     """Indices t with L_t < b < L_{t+1} (``up``: crossing from below) and L_t > b > L_{t+1} (``down``).
 
-    Strict inequalities: a loss exactly at b has a zero flooded gradient and crosses nothing.
+    Strict inequalities: a loss exactly at b has a zero flooded gradient and crosses nothing; a NaN crosses
+    nothing either.
     """
+    b = check_real("b (the flood level)", b)
     up, down = [], []
     for t in range(len(losses) - 1):
         now, after = float(losses[t]), float(losses[t + 1])
@@ -134,19 +198,18 @@ def find_crossings(losses: Sequence[float], b: float) -> Crossings:
 
 
 class CrossingRecorder:
-    """Keeps θ_t and θ_{t+2} of up to ``keep`` crossings of each kind while a flooding run goes on.
+    """Keeps θ_t and θ_{t+2} of up to ``keep`` (≥ 1) crossings of each kind while a flooding run goes on.
 
     Of each kind it keeps crossing number 0, ``stride``, 2·``stride``, … (so a large stride samples the whole
-    run). Call ``observe(t, L_t, θ_t)`` at every step t, with θ_t flattened before the step. Memory: three
-    parameter copies plus 2·``keep`` saved pairs, however long the run.
+    run). Call ``observe(t, L_t, θ_t)`` at every step t, with θ_t flattened before the step, and once more after
+    the last step (with the loss ``nan``) to close a crossing two steps before the end. Memory: three parameter
+    copies plus 2·``keep`` saved pairs, however long the run.
     """
 
     def __init__(self, b: float, keep: int = 4, stride: int = 1):
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
-        self.b = b
-        self.keep = keep
-        self.stride = stride
+        self.b = check_real("b (the flood level)", b)
+        self.keep = check_int("keep", keep, minimum=1)
+        self.stride = check_int("stride", stride, minimum=1)
         self.window: deque[tuple[int, float, Tensor]] = deque(maxlen=3)
         self.crossings: list[Crossing] = []
         self._seen = {"up": 0, "down": 0}
@@ -154,16 +217,18 @@ class CrossingRecorder:
 
     def observe(self, t: int, loss: float, theta: Tensor) -> None:
         """Record step t: its loss L_t and the flattened θ_t (before the step); saves a crossing at t − 2."""
-        if self.keep <= 0:
-            return
+        check_int("t", t, minimum=0)
+        if not isinstance(theta, Tensor):
+            raise TypeError(f"theta must be the flattened parameters (a tensor), got {type(theta).__name__}")
         if self.window and self.window[-1][0] != t - 1:
-            raise ValueError("observe() must be called at every step, in order")
+            raise ValueError(f"observe() must be called at every step, in order: got t = {t} after "
+                             f"t = {self.window[-1][0]}")
         self.window.append((t, float(loss), theta))
         if len(self.window) < 3:
             return
         (t0, l0, theta0), (_, l1, _), (_, _, theta2) = self.window
         found = find_crossings([l0, l1], self.b)
-        for kind in ("up", "down"):
+        for kind in KINDS:
             if getattr(found, kind):
                 if self._seen[kind] % self.stride == 0 and self._kept[kind] < self.keep:
                     self._kept[kind] += 1
@@ -171,40 +236,7 @@ class CrossingRecorder:
                 self._seen[kind] += 1
 
 
-@dataclass
-class FloodingTrajectory:
-    """What :func:`flooding_gd` records: L_t and ‖∇L(θ_t)‖ at every step t = 0..steps−1, and the kept crossings."""
-
-    b: float
-    lr: float
-    losses: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
-    crossings: list[Crossing] = field(default_factory=list)
-
-
-def flooding_gd(
-    closure: Callable[[], Tensor], params: Sequence[Tensor], *, lr: float, b: float, steps: int, keep: int = 4,
-    stride: int = 1,
-) -> FloodingTrajectory:
-    """Run ``steps`` steps of GD on the flooded loss (:func:`flooding_step`), recording the trajectory.
-
-    ``closure()`` must return the full-batch loss L (the same function at every step: see
-    :func:`two_step_identity`). Records L_t and ‖∇L(θ_t)‖ for every step and, for up to ``keep`` crossings of
-    each kind, θ_t and θ_{t+2} (every ``stride``-th crossing: :class:`CrossingRecorder`).
-    """
-    params = list(params)
-    recorder = CrossingRecorder(b, keep, stride)
-    trajectory = FloodingTrajectory(b=b, lr=lr)
-    for t in range(steps):
-        theta = _flat(params) if keep > 0 else torch.empty(0)
-        loss, grad_norm = _flooding_step(closure, params, lr, b)
-        recorder.observe(t, float(loss), theta)
-        trajectory.losses.append(float(loss))
-        trajectory.grad_norms.append(grad_norm)
-    if keep > 0:  # θ_steps closes a crossing at steps − 2
-        recorder.observe(steps, math.nan, _flat(params))
-        trajectory.crossings = recorder.crossings
-    return trajectory
+# ------------------------------------------------------------------------------------- the two-step identity
 
 
 @dataclass
@@ -227,8 +259,22 @@ class IdentityError:
     floor: float
 
 
+def _check_crossing(crossing: object, params: list[Tensor]) -> Crossing:
+    if not isinstance(crossing, Crossing):
+        raise TypeError(f"crossing must be a gradreg.flooding.Crossing, got {type(crossing).__name__}")
+    if crossing.kind not in KINDS:
+        raise ValueError(f"crossing.kind must be one of {KINDS}, got {crossing.kind!r}")
+    size = sum(p.numel() for p in params)
+    for name in ("theta_t", "theta_t2"):
+        theta = getattr(crossing, name)
+        if not isinstance(theta, Tensor) or theta.shape != (size,):
+            raise ValueError(f"crossing.{name} must be the flattened parameters, a vector of {size} entries; got "
+                             f"{getattr(theta, 'shape', type(theta).__name__)}")
+    return crossing
+
+
 def two_step_identity(
-    closure: Callable[[], Tensor], params: Sequence[Tensor], crossing: Crossing, *, lr: float,
+    closure: Callable[[], Tensor], params: Iterable[Tensor], crossing: Crossing, *, lr: float,
 ) -> IdentityError:
     """Check θ_{t+2} = θ_t − η² Δ_η at a crossing, with Δ_η computed independently by the GR engine.
 
@@ -237,25 +283,25 @@ def two_step_identity(
     ``down`` (L_t > b > L_{t+1}): Δ_η = [g − ∇L(θ_t − η g)]/η, the B-GR estimate (``method="backward"``).
 
     The closure must be the one the run used (same full batch, deterministic): the identity holds step by step
-    only when both steps see the same loss. The parameters are restored on return.
+    only when both steps see the same loss. The parameters and their ``.grad`` are restored on return.
     """
-    params = list(params)
-    saved = _flat(params)
+    _check_closure(closure)
+    params = check_params(params)
+    crossing = _check_crossing(crossing, params)
+    lr = check_real("lr", lr, positive=True)
+    saved, old_grads = flat(params), [p.grad for p in params]
     try:
-        _unflatten_into(params, crossing.theta_t)
+        load_flat(params, crossing.theta_t)
         with torch.enable_grad():
             g = torch.autograd.grad(closure(), params)
-        method = "forward" if crossing.kind == "up" else "backward"
-        old_grads = [p.grad for p in params]
-        gr_grad(closure, params, gamma=lr, eps=lr, method=method)
-        d = [p.grad.detach().clone() for p in params]
+        gr_grad(closure, params, gamma=lr, eps=lr, method="forward" if crossing.kind == "up" else "backward")
+        d = flat([p.grad for p in params])
+        hg = flat(hvp(closure, params, g))
+    finally:
+        load_flat(params, saved)
         for p, old in zip(params, old_grads):
             p.grad = old
-        hg = hvp(closure, params, g)
-    finally:
-        _unflatten_into(params, saved)
-    predicted = -lr * torch.cat([(di - gi).reshape(-1) for di, gi in zip(d, g)])
-    exact_gr = -(lr**2) * torch.cat([h.reshape(-1) for h in hg])
+    predicted = -lr * (d - flat(g))
     change = crossing.theta_t2 - crossing.theta_t
     step_norm = float(change.norm())
     unit_roundoff = torch.finfo(change.dtype).eps / 2
@@ -264,145 +310,7 @@ def two_step_identity(
         kind=crossing.kind,
         change=float((change - predicted).norm()) / step_norm,
         params=float((crossing.theta_t2 - (crossing.theta_t + predicted)).norm() / crossing.theta_t2.norm()),
-        hessian=float((change - exact_gr).norm()) / step_norm,
+        hessian=float((change + lr**2 * hg).norm()) / step_norm,
         step_norm=step_norm,
         floor=unit_roundoff * float(crossing.theta_t2.norm()) / step_norm,
     )
-
-
-# ----------------------------------------------------------------------------------- GD, flooding and F-GR
-
-
-METHODS = ("gd", "flooding", "fgr")
-
-
-@dataclass
-class FullBatchHistory:
-    """What :func:`full_batch_run` records.
-
-    Every step t = 0..steps−1 (before step t): ``losses`` L(θ_t) and, for ``"gd"`` and ``"flooding"``,
-    ``grad_norms`` ‖∇L(θ_t)‖ (empty for ``"fgr"``, whose step does not expose ∇L). Every ``measure_every`` steps
-    and at the end: ``step``, the training loss ``loss``, the gradient norm ``grad_norm`` = ‖∇L‖ (of the plain
-    loss, also for flooding), ``sharpness`` (the top Hessian eigenvalue of L) and ``test_accuracy``.
-    ``crossings``: the crossings kept by a flooding run (see :class:`CrossingRecorder`).
-    """
-
-    method: str
-    lr: float
-    b: float | None = None
-    losses: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
-    step: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
-    grad_norm: list[float] = field(default_factory=list)
-    sharpness: list[float] = field(default_factory=list)
-    test_accuracy: list[float] = field(default_factory=list)
-    crossings: list[Crossing] = field(default_factory=list)
-
-
-def full_batch_run(
-    model: nn.Module,
-    data: Dataset,
-    *,
-    method: str,
-    lr: float,
-    steps: int,
-    b: float | None = None,
-    gamma: float | None = None,
-    eps: float | None = None,
-    measure_every: int = 50,
-    sharpness_iters: int = 20,
-    sharpness_tol: float = 1e-3,
-    keep_crossings: int = 0,
-    crossing_stride: int = 1,
-    loss_fn: LossFn = nn.functional.cross_entropy,
-    desc: str | None = None,
-) -> FullBatchHistory:
-    """Full-batch training of ``model`` on ``data.x, data.y`` with one of three methods, all with step size η = ``lr``:
-
-    * ``"gd"``: θ ← θ − η ∇L(θ);
-    * ``"flooding"``: θ ← θ − η sign(L(θ) − b) ∇L(θ) (GD on :func:`flooded`, flood level ``b``);
-    * ``"fgr"``: F-GR, θ ← θ − η [(1 − γ/ε) ∇L(θ) + (γ/ε) ∇L(θ + ε ∇L(θ))] (:class:`gradreg.GR` around SGD).
-
-    Measures loss, ‖∇L‖, sharpness (power iteration warm-started from the previous eigenvector, at most
-    ``sharpness_iters`` Hessian–vector products, relative tolerance ``sharpness_tol``) and test accuracy every
-    ``measure_every`` steps. A flooding run keeps up to ``keep_crossings`` crossings of each kind, every
-    ``crossing_stride``-th one, for :func:`two_step_identity`. The model is trained in place, in training mode.
-    """
-    from gradreg.experiments import evaluate
-
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if method == "flooding" and b is None:
-        raise ValueError("method='flooding' needs the flood level b")
-    if method == "fgr" and (gamma is None or eps is None):
-        raise ValueError("method='fgr' needs gamma and eps")
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def closure() -> Tensor:
-        return loss_fn(model(data.x), data.y)
-
-    history = FullBatchHistory(method=method, lr=lr, b=b)
-    recorder = CrossingRecorder(
-        b if b is not None else math.nan, keep_crossings if method == "flooding" else 0, crossing_stride
-    )
-    optimizer = GR(torch.optim.SGD(params, lr=lr), gamma=gamma, eps=eps) if method == "fgr" else None
-    vector: list[Tensor] | None = None
-
-    def measure(step: int) -> None:
-        nonlocal vector
-        with torch.enable_grad():
-            loss = closure()
-            grads = torch.autograd.grad(loss, params)
-        top = top_eigenvalue(closure, params, iters=sharpness_iters, tol=sharpness_tol, seed=step, v0=vector)
-        vector = top.vector
-        history.step.append(step)
-        history.loss.append(float(loss.detach()))
-        history.grad_norm.append(_norm(grads))
-        history.sharpness.append(top.value)
-        history.test_accuracy.append(evaluate(model, data.x_test, data.y_test, loss_fn)[1])
-
-    for t in progress(range(steps), desc=desc, leave=False):
-        if t % measure_every == 0:
-            measure(t)
-        theta = _flat(params) if recorder.keep > 0 else torch.empty(0)
-        if method == "flooding":
-            loss, grad_norm = _flooding_step(closure, params, lr, b)
-            history.grad_norms.append(grad_norm)
-        elif method == "fgr":
-            loss = optimizer.step(closure)
-        else:
-            with torch.enable_grad():
-                loss = closure()
-                grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.add_(g, alpha=-lr)
-            history.grad_norms.append(_norm(grads))
-        loss = float(loss.detach())
-        recorder.observe(t, loss, theta)
-        history.losses.append(loss)
-    measure(steps)
-    if recorder.keep > 0:
-        recorder.observe(steps, math.nan, _flat(params))
-    history.crossings = recorder.crossings
-    return history
-
-
-def at_loss(history: FullBatchHistory, level: float, key: str) -> float:
-    """A measured quantity of a run (``"grad_norm"`` or ``"sharpness"``) at the training loss ``level``.
-
-    Interpolates log-log between the two measurements around the *last* time the measured loss fell through
-    ``level`` (L_i > level ≥ L_{i+1}): v = exp((1 − w) log v_i + w log v_{i+1}),
-    w = log(L_i/level)/log(L_i/L_{i+1}). Compares runs at equal loss, e.g. flooding at b with GD passing b.
-    """
-    losses, values = history.loss, getattr(history, key)
-    falls = [i for i in range(len(losses) - 1) if losses[i] > level >= losses[i + 1]]
-    if not falls:
-        raise ValueError(f"the measured loss of this {history.method!r} run never falls through {level}")
-    i = falls[-1]
-    if min(values[i], values[i + 1], losses[i + 1]) <= 0:
-        raise ValueError("log-log interpolation needs positive losses and values")
-    w = math.log(losses[i] / level) / math.log(losses[i] / losses[i + 1])
-    return math.exp((1 - w) * math.log(values[i]) + w * math.log(values[i + 1]))

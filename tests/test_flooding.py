@@ -1,5 +1,5 @@
-"""Flooding: the flooded losses, the crossing finder, the two-step identity and the full-batch runner, against
-references computed independently with torch.func."""
+"""Flooding: the flooded losses, the step, the crossing finder and recorder, the two-step identity, against
+references computed independently with torch.func; and every argument check."""
 
 from __future__ import annotations
 
@@ -12,16 +12,15 @@ from torch.func import functional_call, grad
 
 import gradreg as gr
 from gradreg.data import Dataset
+from gradreg.experiments.full_batch import full_batch_run
 from gradreg.flooding import (
     Crossing,
     CrossingRecorder,
-    FullBatchHistory,
-    at_loss,
     find_crossings,
+    flat,
     flooded,
-    flooding_gd,
     flooding_step,
-    full_batch_run,
+    load_flat,
     two_step_identity,
 )
 
@@ -47,7 +46,7 @@ def _grad_at(model, x, y, flat: torch.Tensor, loss=nn.functional.cross_entropy) 
 
 
 def _flat(model) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
 
 
 def _load(params, flat: torch.Tensor) -> None:
@@ -83,11 +82,9 @@ def test_iflood_is_the_mean_of_per_example_flooded_losses():
     assert float(flooded(losses.mean(), b).detach()) == pytest.approx(abs(14 / 3 - 3) + 3)
 
 
-def test_flooded_rejects_bad_input():
+def test_flooded_rejects_a_loss_of_the_wrong_shape():
     with pytest.raises(ValueError, match="per-example"):
         flooded(torch.ones(2, 2), 0.1)
-    with pytest.raises(TypeError, match="finite"):
-        flooded(torch.ones(()), float("nan"))
 
 
 def test_flooded_loss_works_inside_gr():
@@ -154,10 +151,11 @@ def test_recorder_stride_samples_every_kth_crossing_of_each_kind():
 
 @pytest.fixture(scope="module")
 def flooding_run():
-    """Flooding GD on a ReLU MLP in float64 until the loss oscillates around b."""
+    """Flooding GD on a ReLU MLP in float64 until the loss oscillates around b (the full-batch trainer)."""
     model, x, y = _problem(n=128, width=32)
     closure = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
-    trajectory = flooding_gd(closure, list(model.parameters()), lr=0.5, b=1.0, steps=400, keep=3)
+    trajectory = full_batch_run(model, Dataset(x, y, x[:8], y[:8], 10), method="flooding", lr=0.5, b=1.0,
+                                steps=400, measure_every=None, keep_crossings=3)
     return model, x, y, closure, trajectory
 
 
@@ -174,10 +172,12 @@ def test_two_step_identity_holds_to_round_off(flooding_run):
     model, x, y, closure, trajectory = flooding_run
     lr = trajectory.lr
     saved = _flat(model)
+    grads = [p.grad for p in model.parameters()]
     for crossing in trajectory.crossings:
         err = two_step_identity(closure, list(model.parameters()), crossing, lr=lr)
         assert err.change <= 1e-12 and err.params <= 1e-15 and err.change <= 4 * err.floor
         assert torch.equal(_flat(model), saved)  # parameters restored
+        assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # and .grad as it was
         # independent reference for the prediction
         g = _grad_at(model, x, y, crossing.theta_t)
         if crossing.kind == "up":
@@ -207,73 +207,161 @@ def test_two_step_identity_needs_the_same_batch(flooding_run):
     first = lambda: nn.functional.cross_entropy(model(x[:half]), y[:half])  # noqa: E731
     second = lambda: nn.functional.cross_entropy(model(x[half:]), y[half:])  # noqa: E731
     flooding_step(first, params, lr=trajectory.lr, b=1e9)  # ascent on batch 1 (L < b)
-    flooding_step(second, params, lr=trajectory.lr, b=-1e9)  # descent on batch 2 (L > b)
+    flooding_step(second, params, lr=trajectory.lr, b=0.0)  # descent on batch 2 (L > 0 = b)
     mixed = Crossing(crossing.t, "up", crossing.theta_t, _flat(model))
     _load(params, saved)
     assert two_step_identity(first, params, mixed, lr=trajectory.lr).change > 1e-2
 
 
-# --------------------------------------------------------------------------------------- full-batch runner
 
 
-def _data(x, y) -> Dataset:
-    return Dataset(x, y, x[:16], y[:16], 10)
+# ------------------------------------------------------------------------------------------ flat and load
 
 
-def test_full_batch_run_matches_its_definitions():
-    """gd = the plain loop; flooding = flooding_gd; fgr with γ = ε = η = unnormalized SAM (GR.usam)."""
-    lr, steps = 0.3, 12
-    runs = {}
-    for method in ("gd", "flooding", "fgr"):
-        model, x, y = _problem()
-        runs[method] = (model, full_batch_run(model, _data(x, y), method=method, lr=lr, steps=steps, b=2.2,
-                                              gamma=lr, eps=lr, measure_every=5, sharpness_iters=3))
-    model, x, y = _problem()
+def test_flat_and_load_flat_round_trip_in_place():
+    model, _, _ = _problem()
     params = list(model.parameters())
-    for _ in range(steps):
-        g = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
-        with torch.no_grad():
-            for p, gi in zip(params, g):
-                p.add_(gi, alpha=-lr)
-    assert torch.equal(_flat(model), _flat(runs["gd"][0]))
+    storage = [p.data_ptr() for p in params]
+    theta = flat(params)
+    assert not theta.requires_grad and torch.equal(theta, _flat(model))
+    load_flat(params, 2 * theta)
+    assert torch.equal(_flat(model), 2 * theta)
+    assert [p.data_ptr() for p in params] == storage  # copied in place, no aliasing of the vector
+    with pytest.raises(ValueError, match="entries"):
+        load_flat(params, theta[:-1])
 
+
+# --------------------------------------------------------------------------- every argument checked up front
+
+
+def _counting_closure(model, x, y):
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return nn.functional.cross_entropy(model(x), y)
+
+    return closure, calls
+
+
+@pytest.mark.parametrize("b, error, match", [
+    (-0.1, ValueError, ">= 0"),
+    (float("nan"), ValueError, "finite"),
+    (float("inf"), ValueError, "finite"),
+    ("0.1", TypeError, "real number"),
+    (True, TypeError, "real number"),
+    (None, TypeError, "real number"),
+])
+def test_flooded_rejects_a_bad_flood_level(b, error, match):
+    with pytest.raises(error, match=match):
+        flooded(torch.ones(()), b)
+
+
+def test_flooded_accepts_any_real_number():
+    import fractions
+
+    import numpy as np
+
+    for b in (0, 1, np.float32(0.5), fractions.Fraction(1, 4)):
+        assert float(flooded(torch.tensor(0.0, dtype=torch.float64), b)) == pytest.approx(2 * float(b))
+    with pytest.raises(TypeError, match="tensor"):
+        flooded(0.3, 0.1)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(lr=0.0), ValueError, "lr must be a finite number > 0"),
+    (dict(lr=-0.1), ValueError, "lr must be a finite number > 0"),
+    (dict(lr=float("nan")), ValueError, "lr must be a finite number > 0"),
+    (dict(lr=float("inf")), ValueError, "lr must be a finite number > 0"),
+    (dict(lr="0.1"), TypeError, "lr must be a real number"),
+    (dict(b=-1.0), ValueError, "flood level"),
+    (dict(b=float("nan")), ValueError, "flood level"),
+])
+def test_flooding_step_rejects_bad_numbers_before_any_work(kwargs, error, match):
     model, x, y = _problem()
-    traj = flooding_gd(lambda: nn.functional.cross_entropy(model(x), y), list(model.parameters()), lr=lr, b=2.2,
-                       steps=steps, keep=0)
-    assert traj.losses == runs["flooding"][1].losses
-    assert torch.equal(_flat(model), _flat(runs["flooding"][0]))
+    closure, calls = _counting_closure(model, x, y)
+    before = _flat(model)
+    with pytest.raises(error, match=match):
+        flooding_step(closure, model.parameters(), **{"lr": 0.1, "b": 0.5, **kwargs})
+    assert calls == [] and torch.equal(_flat(model), before)
 
+
+def test_flooding_step_rejects_bad_params_and_closures():
     model, x, y = _problem()
-    opt = gr.GR.usam(torch.optim.SGD(model.parameters(), lr=lr), rho=lr)
-    for _ in range(steps):
-        opt.step(lambda: nn.functional.cross_entropy(model(x), y))
-    assert torch.equal(_flat(model), _flat(runs["fgr"][0]))
+    closure, calls = _counting_closure(model, x, y)
+    weight = next(model.parameters())
+    with pytest.raises(TypeError, match=r"single Tensor: pass \[tensor\]"):
+        flooding_step(closure, weight, lr=0.1, b=0.5)
+    with pytest.raises(TypeError, match="named_parameters"):
+        flooding_step(closure, model.named_parameters(), lr=0.1, b=0.5)
+    with pytest.raises(ValueError, match="no tensor requires grad"):
+        flooding_step(closure, [], lr=0.1, b=0.5)
+    with pytest.raises(TypeError, match="iterable"):
+        flooding_step(closure, 3, lr=0.1, b=0.5)
+    frozen = torch.zeros(3)  # requires_grad=False
+    with pytest.raises(ValueError, match="no tensor requires grad"):
+        flooding_step(closure, [frozen], lr=0.1, b=0.5)
+    with pytest.raises(TypeError, match="closure must be a callable"):
+        flooding_step(None, model.parameters(), lr=0.1, b=0.5)
+    assert calls == []
+    before = _flat(model)
+    with pytest.raises(ValueError, match="scalar"):
+        flooding_step(lambda: nn.functional.cross_entropy(model(x), y, reduction="none"), model.parameters(),
+                      lr=0.1, b=0.5)
+    assert torch.equal(_flat(model), before)
 
-    history = runs["gd"][1]
-    assert history.step == [0, 5, 10, 12] and len(history.losses) == len(history.grad_norms) == steps
-    assert runs["flooding"][1].grad_norms == traj.grad_norms and runs["fgr"][1].grad_norms == []
+
+def test_flooding_step_skips_frozen_parameters():
     model, x, y = _problem()
-    g0 = _grad_at(model, x, y, _flat(model))
-    assert history.grad_norm[0] == pytest.approx(float(g0.norm()), rel=1e-12)
-    assert history.loss[0] == history.losses[0]
+    first = next(model.parameters())
+    first.requires_grad_(False)
+    before = first.detach().clone()
+    flooding_step(lambda: nn.functional.cross_entropy(model(x), y), model.parameters(), lr=0.1, b=0.0)
+    assert torch.equal(first, before)
 
 
-def test_full_batch_run_rejects_missing_settings():
-    model, x, y = _problem()
-    with pytest.raises(ValueError, match="flood level"):
-        full_batch_run(model, _data(x, y), method="flooding", lr=0.1, steps=1)
-    with pytest.raises(ValueError, match="gamma and eps"):
-        full_batch_run(model, _data(x, y), method="fgr", lr=0.1, steps=1)
-    with pytest.raises(ValueError, match="method"):
-        full_batch_run(model, _data(x, y), method="sam", lr=0.1, steps=1)
+@pytest.mark.parametrize("b", [-0.1, float("nan"), "x"])
+def test_find_crossings_rejects_a_bad_flood_level(b):
+    with pytest.raises((ValueError, TypeError), match="flood level"):
+        find_crossings([1.0, 0.0], b)
 
 
-def test_at_loss_interpolates_log_log_at_the_last_fall_through_the_level():
-    """On v = 3 L^1.5 the log-log interpolation is exact; an earlier fall through the level is ignored."""
-    losses = [2.0, 0.05, 0.5, 0.2, 0.08, 0.01]  # falls through 0.1 at i = 0 and (last) at i = 3
-    history = FullBatchHistory(method="gd", lr=1.0, loss=losses, grad_norm=[3 * v**1.5 for v in losses])
-    assert at_loss(history, 0.1, "grad_norm") == pytest.approx(3 * 0.1**1.5, rel=1e-12)
-    history.grad_norm[1] = 123.0  # the first fall (i = 0 → 1) must not be used
-    assert at_loss(history, 0.1, "grad_norm") == pytest.approx(3 * 0.1**1.5, rel=1e-12)
-    with pytest.raises(ValueError, match="never falls"):
-        at_loss(history, 1e-4, "grad_norm")
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(keep=0), ValueError, "keep must be an integer >= 1"),
+    (dict(keep=1.5), TypeError, "keep must be an integer >= 1"),
+    (dict(stride=0), ValueError, "stride must be an integer >= 1"),
+    (dict(stride=None), TypeError, "stride must be an integer >= 1"),
+    (dict(b=-1.0), ValueError, "flood level"),
+])
+def test_recorder_rejects_bad_settings(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CrossingRecorder(**{"b": 0.1, **kwargs})
+
+
+def test_recorder_observe_rejects_bad_calls():
+    rec = CrossingRecorder(b=0.0)
+    with pytest.raises(ValueError, match="t must be an integer >= 0"):
+        rec.observe(-1, 1.0, torch.zeros(1))
+    with pytest.raises(TypeError, match="flattened parameters"):
+        rec.observe(0, 1.0, [0.0])
+    rec.observe(0, 1.0, torch.zeros(1))
+    with pytest.raises(ValueError, match="got t = 2 after t = 0"):
+        rec.observe(2, 1.0, torch.zeros(1))
+
+
+def test_two_step_identity_rejects_bad_input_before_any_work(flooding_run):
+    model, x, y, _, trajectory = flooding_run
+    closure, calls = _counting_closure(model, x, y)
+    crossing = trajectory.crossings[0]
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        two_step_identity(closure, params, crossing, lr=0.0)
+    with pytest.raises(TypeError, match="Crossing"):
+        two_step_identity(closure, params, (crossing.t, crossing.kind), lr=0.5)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        two_step_identity(closure, params, Crossing(0, "sideways", crossing.theta_t, crossing.theta_t2), lr=0.5)
+    with pytest.raises(ValueError, match="vector of"):
+        two_step_identity(closure, params, Crossing(0, "up", crossing.theta_t[:-1], crossing.theta_t2), lr=0.5)
+    with pytest.raises(TypeError, match="closure"):
+        two_step_identity("loss", params, crossing, lr=0.5)
+    assert calls == []
