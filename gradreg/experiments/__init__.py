@@ -17,6 +17,7 @@
 """
 
 from gradreg.experiments.config import ALGORITHMS, HYPERPARAMETERS, RunConfig, grid
+from gradreg.experiments.full_batch import FullBatchHistory, Measurer, at_loss, full_batch_run
 from gradreg.experiments.presets import PRESETS, preset
 from gradreg.experiments.runner import RunRecord, build_model, build_optimizer, load_results, run, sweep, train_step
 from gradreg.experiments.summary import (
@@ -31,12 +32,10 @@ from gradreg.experiments.summary import (
 )
 from gradreg.experiments.training import History, compare_methods, evaluate, train_classifier
 
-# The full-batch trainer (gradreg/experiments/full_batch.py, added by another branch) is exported here by the
-# lead at merge time.
-
 __all__ = [
-    "ALGORITHMS", "HYPERPARAMETERS", "PRESETS", "History", "PairedDifference", "Row", "RunConfig", "RunRecord",
-    "best", "build_model", "build_optimizer", "compare_methods", "evaluate", "format_table", "grid", "group",
+    "ALGORITHMS", "HYPERPARAMETERS", "PRESETS", "FullBatchHistory", "History", "Measurer", "PairedDifference", "Row",
+    "RunConfig", "RunRecord", "at_loss", "best", "build_model", "build_optimizer", "compare_methods", "evaluate",
+    "format_table", "full_batch_run", "grid", "group",
     "load_results", "mean_se", "paired_difference", "preset", "run", "summarize", "sweep", "train_classifier",
     "train_step",
 ]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 import gradreg.data
 from gradreg.data import Dataset
-from gradreg.experiments import evaluate
+from gradreg.experiments.training import evaluate
 from gradreg.flooding import Crossing, CrossingRecorder, check_int, check_real, flat, flooded
 from gradreg.hessian import top_eigenvalue
 from gradreg.methods import METHODS
