@@ -136,11 +136,15 @@ class BenchResult:
         if not r.ok:
             return f"{r.label:<16}  failed: {r.error}"
         lo, hi = r.iqr_s
-        mem = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:>11.1f}{self.memory_ratio(name):>7.2f}"
-        flops = "" if r.flops is None else f"{r.flops / 1e9:>9.2f}{self.flop_ratio(name):>7.2f}"
+
+        def ratio(value: float, width: int) -> str:  # a reference that was not measured: a dash, not "nan"
+            return f"{'—':>{width}}" if math.isnan(value) else f"{value:>{width}.2f}"
+
+        mem = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:>11.1f}{ratio(self.memory_ratio(name), 7)}"
+        flops = "" if r.flops is None else f"{r.flops / 1e9:>9.2f}{ratio(self.flop_ratio(name), 7)}"
         return (
             f"{r.label:<16}{1e3 * r.median_s:>10.1f}{f'{1e3 * lo:.1f}–{1e3 * hi:.1f}':>16}"
-            f"{self.time_ratio(name):>7.2f}{self.time_ratio(name, 'two-passes'):>9.2f}" + mem + flops
+            f"{ratio(self.time_ratio(name), 7)}{ratio(self.time_ratio(name, 'two-passes'), 9)}" + mem + flops
         )
 
     def to_dict(self) -> dict[str, Any]:
