@@ -17,7 +17,7 @@ read :data:`LABELS` and :data:`COLORS`.
 from __future__ import annotations
 
 #: How H g is computed, exactly (``"double"``) or by one of the finite-difference stencils.
-METHODS: tuple[str, ...] = ("forward", "backward", "central", "double")
+METHODS = ("forward", "backward", "central", "double")
 
 #: The step δ that replaces ε g, the paper's raw step, SAM's normalized one or ASAM's adaptive one.
 PERTURBATIONS: tuple[str, ...] = ("raw", "normalized", "adaptive")
