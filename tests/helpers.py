@@ -166,3 +166,14 @@ def square_whose_double_backward_raises(message: str):
             return 2 * Raises.apply(ctx.saved_tensors[0]) * grad_output
 
     return Square.apply
+
+
+def relu_problem(seed: int = 0, n: int = 64, width: int = 16):
+    """A ReLU MLP (depth 3, float64) and random 10-class data of n examples: the full-batch tests' problem."""
+    import gradreg as gr
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (n,), generator=g)
+    torch.manual_seed(seed)
+    return gr.models.mlp(8, width, 3, 10).double(), x, y

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import relu_problem
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -24,15 +25,7 @@ from gradreg.flooding import (
     two_step_identity,
 )
 
-
-def _problem(seed: int = 0, n: int = 64, width: int = 16):
-    """A ReLU MLP on random 10-class data, float64, full batch."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 10, (n,), generator=g)
-    torch.manual_seed(seed)
-    model = gr.models.mlp(8, width, 3, 10).double()
-    return model, x, y
+_problem = relu_problem
 
 
 def _grad_at(model, x, y, flat: torch.Tensor, loss=nn.functional.cross_entropy) -> torch.Tensor:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import relu_problem
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -22,12 +23,8 @@ LR, STEPS, B = 0.3, 12, 2.2
 
 
 def _problem(seed: int = 0, n: int = 64, width: int = 16):
-    """A ReLU MLP on random 10-class data, float64, full batch, with a small test set."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 10, (n,), generator=g)
-    torch.manual_seed(seed)
-    model = gr.models.mlp(8, width, 3, 10).double()
+    """The full-batch problem of tests/helpers.py, with its first 16 examples as a small test set."""
+    model, x, y = relu_problem(seed, n, width)
     return model, Dataset(x, y, x[:16], y[:16], 10)
 
 
