@@ -197,6 +197,22 @@ def _raise_if_nonfinite(method: str, losses: list[Tensor], direction: list[Tenso
 _NO_DOUBLE_BACKWARD = re.compile(r"derivative for .* is not implemented|double backward|does not support double")
 
 
+def _closures(closure: object) -> list[Callable[[], Tensor]]:
+    closures = list(closure) if isinstance(closure, (list, tuple)) else [closure]
+    if not closures or not all(callable(c) for c in closures):
+        raise TypeError(f"closure must be a callable that returns the loss (or a non-empty list of them), got "
+                        f"{closure!r:.60}")
+    return closures
+
+
+def _hint(exc: BaseException, method: str, index: int) -> str:
+    """What the user can do, when the cause is known: a double backward that some kernel lacks."""
+    if method == "double" and index == 2 and _NO_DOUBLE_BACKWARD.search(str(exc)):
+        return (" An operation in the model has no double backward (fused attention kernels, cuDNN RNNs, ...): "
+                "method='forward' needs first-order gradients only.")
+    return ""
+
+
 def _eager_if_compiled(method: str) -> contextlib.AbstractContextManager:
     """DB-GR differentiates the gradient's graph again, which torch.compile's graphs cannot (AOTAutograd has no
     double backward): with ``method="double"``, compiled modules run eagerly."""
@@ -221,12 +237,9 @@ def gr_direction(closure: Callable[[], Tensor] | Sequence[Callable[[], Tensor]],
     ``ddp``: the DistributedDataParallel module, synchronised only where needed; ``local_perturbation`` perturbs
     each worker with its own gradient instead of the all-reduced one.
     """
-    closures = list(closure) if isinstance(closure, (list, tuple)) else [closure]
-    if not closures or not all(callable(c) for c in closures):
-        raise TypeError(f"closure must be a callable that returns the loss (or a non-empty list of them), got "
-                        f"{closure!r:.60}")
     groups = checked_groups(groups, method, perturbation, adaptive_eta)
-    replay = Replay([p for group in groups for p in group.params], closures=closures, loss_scale=loss_scale, ddp=ddp)
+    replay = Replay([p for group in groups for p in group.params], closures=_closures(closure),
+                    loss_scale=loss_scale, ddp=ddp)
     try:
         with _eager_if_compiled(method):
             outcome = (_double_backprop(groups, replay, local_perturbation) if method == "double" else
@@ -238,12 +251,9 @@ def gr_direction(closure: Callable[[], Tensor] | Sequence[Callable[[], Tensor]],
         replay.rollback()
         raise
     except BaseException as exc:
-        hint = ""
-        if method == "double" and replay.passes == 2 and _NO_DOUBLE_BACKWARD.search(str(exc)):
-            hint = (" An operation in the model has no double backward (fused attention kernels, cuDNN RNNs, ...): "
-                    "method='forward' needs first-order gradients only.")
         index = max(replay.passes, 1)
-        replay.rollback(exc, f"in pass {index} ({pass_name(method, index)}) of method {method!r}", hint)
+        where = f"in pass {index} ({pass_name(method, index)}) of method {method!r}"
+        replay.rollback(exc, where, _hint(exc, method, index))
         raise
     with record_function("gradreg:restore"):
         replay.close()
