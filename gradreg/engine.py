@@ -67,6 +67,11 @@ def _exactly_finite(tensors: Sequence[Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def _finite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor, read without a sync: whether every element is finite (for g, which d may not carry)."""
+    return torch.stack([t.isfinite().all() for t in tensors]).all()
+
+
 def _materialize(params: list[Tensor]) -> list[Tensor]:
     for p in params:
         if p.grad is None:
@@ -99,7 +104,7 @@ def _finite_differences(groups: list[ParamGroup], replay: Replay, perturbation: 
                                 replay.loss_scale * seed)
         g_flags = []  # g's finiteness where d does not carry g
         if shared and weight_g[0] == 0.0:  # d = Σ_j w_j ∇L(θ + s_j δ): free g before the perturbed pass
-            g_flags.append(torch.stack([g.isfinite().all() for g in grads]).all())
+            g_flags.append(_finite_flag(grads))
             for p in params:
                 p.grad = None
         if not shared:  # .grad ← (a_k/c_k)·g per group; the perturbed passes add w_j ∇L_j; then ×c_k
@@ -137,7 +142,7 @@ def _double_backprop(groups: list[ParamGroup], replay: Replay, local: bool):
         else:
             losses = [replay.run_pass(params, sync=not local)]
             direction = [g.detach() for g in _materialize(params)]
-    g_flags = [_all_finite(direction)]
+    g_flags = [_finite_flag(direction)]  # exact: d = g + γHg is written over g below
     v = [d / scale for d in direction] if scale != 1.0 else direction if one_graph else [d.clone() for d in direction]
     if active:
         replay.begin_pass()  # pass 2: the double backward

@@ -73,6 +73,14 @@ def _record_overflow(scaler: torch.amp.GradScaler, base: Optimizer) -> None:
             p.grad = grad
 
 
+def _check_groups(groups: Sequence[dict[str, Any]], defaults: dict[str, Any], method: str, perturbation: str,
+                  adaptive_eta: object = 0.01) -> None:
+    """Every group's ``gamma``/``eps`` (its own, else the defaults) valid for ``method``; errors name the group."""
+    for i, group in enumerate(groups):
+        check_config(group.get("gamma", defaults["gamma"]), group.get("eps", defaults["eps"]), method, perturbation,
+                     adaptive_eta, where=f" (param group {i})")
+
+
 def _check_settings(settings: dict[str, Any]) -> None:
     if not set(settings) <= set(SETTINGS):
         raise ValueError(f"state_dict['gr'] may have the keys {SETTINGS}; got {tuple(settings)}")
@@ -136,11 +144,8 @@ class GR(Optimizer):
     ):
         _refuse_unsuitable(base_optimizer)
         gamma, eps = check_config(gamma, eps, method, perturbation, adaptive_eta)
-        for i, group in enumerate(base_optimizer.param_groups):
-            check_config(group.get("gamma", gamma), group.get("eps", eps), method, perturbation,
-                         where=f" (param group {i})")
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}; got {on_nonfinite!r}")
+        _check_groups(base_optimizer.param_groups, {"gamma": gamma, "eps": eps}, method, perturbation)
+        _check_settings({"on_nonfinite": on_nonfinite})
         if ddp is not None and not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
             raise TypeError(f"ddp must be the DistributedDataParallel module the closure calls, got "
                             f"{type(ddp).__name__}")
@@ -277,10 +282,8 @@ class GR(Optimizer):
         if settings is not None:
             _check_settings(settings)
         merged = {**current, **(settings or {})}
-        for i, group in enumerate(state_dict.get("param_groups", [])):
-            check_config(group.get("gamma", self.defaults["gamma"]), group.get("eps", self.defaults["eps"]),
-                         merged["method"], merged["perturbation"], merged["adaptive_eta"],
-                         where=f" (param group {i})")
+        _check_groups(state_dict.get("param_groups", []), self.defaults, merged["method"], merged["perturbation"],
+                      merged["adaptive_eta"])
         self.base_optimizer.load_state_dict(state_dict)
         for name, value in merged.items():
             setattr(self, name, value)
