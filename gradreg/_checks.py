@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
@@ -51,7 +51,8 @@ def check_config(gamma: object, eps: object, method: object, perturbation: objec
 def as_params(params: object, name: str = "params") -> list[Tensor]:
     """``params`` as a list of tensors, refusing what torch.optim refuses (a tensor, a dict, a module, pairs)."""
     if isinstance(params, (Tensor, dict, torch.nn.Module, str)) or not isinstance(params, Iterable):
-        hint = " (use model.parameters())" if isinstance(params, torch.nn.Module) else ""
+        hint = (" (use model.parameters())" if isinstance(params, torch.nn.Module) else
+                ": a single Tensor: pass [tensor] or model.parameters()" if isinstance(params, Tensor) else "")
         raise TypeError(f"{name} must be an iterable of Tensors, e.g. [w] or model.parameters(), got "
                         f"{type(params).__name__}{hint}")
     params = list(params)
@@ -60,6 +61,30 @@ def as_params(params: object, name: str = "params") -> list[Tensor]:
             hint = ": pass model.parameters(), not named_parameters()" if isinstance(p, tuple) else ""
             raise TypeError(f"{name} must contain Tensors only, got a {type(p).__name__}{hint}")
     return params
+
+
+def trainable(params: object, name: str = "params") -> list[Tensor]:
+    """:func:`as_params` without the frozen tensors; a ValueError if none is left."""
+    kept = [p for p in as_params(params, name) if p.requires_grad]
+    if not kept:
+        raise ValueError(f"{name}: no tensor requires grad (an empty list, or every parameter frozen)")
+    return kept
+
+
+def check_real(name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` as a float if it is a finite real number ≥ 0 (> 0 with ``positive``); else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return _real(name, value, positive=positive)
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """``value`` if it is an integer ≥ ``minimum``; else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 @dataclass

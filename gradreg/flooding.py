@@ -23,17 +23,16 @@ arguments before doing any work.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 
+from gradreg._checks import check_int, check_real, trainable
 from gradreg.engine import gr_grad
 from gradreg.hessian import hvp
 
@@ -42,48 +41,6 @@ KINDS: tuple[str, ...] = ("up", "down")
 
 
 # ------------------------------------------------------------------------------------------ argument checks
-
-
-def check_real(name: str, value: object, *, positive: bool = False) -> float:
-    """``value`` as a float if it is a finite real number ≥ 0 (> 0 with ``positive``); else a clear error."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        allowed = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
-    return value
-
-
-def check_int(name: str, value: object, *, minimum: int) -> int:
-    """``value`` if it is an integer ≥ ``minimum``; else a clear error."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_params(params: object) -> list[Tensor]:
-    """The tensors of ``params`` that require grad (frozen ones are left out), as a non-empty list.
-
-    Like torch.optim, it refuses a single bare tensor (iterating it would give its rows).
-    """
-    if isinstance(params, Tensor):
-        raise TypeError("params must be an iterable of tensors, got a single Tensor: pass [tensor] or "
-                        "model.parameters()")
-    if not isinstance(params, Iterable):
-        raise TypeError(f"params must be an iterable of tensors (e.g. model.parameters()), got "
-                        f"{type(params).__name__}")
-    params = list(params)
-    bad = [type(p).__name__ for p in params if not isinstance(p, Tensor)]
-    if bad:
-        raise TypeError(f"params must contain tensors only, got {bad[0]} (for named_parameters(), pass the "
-                        f"tensors: [p for _, p in model.named_parameters()])")
-    trainable = [p for p in params if p.requires_grad]
-    if not trainable:
-        raise ValueError("params: no tensor requires grad (an empty list, or every parameter frozen)")
-    return trainable
 
 
 def _check_closure(closure: object) -> None:
@@ -143,7 +100,7 @@ def flooding_step(closure: Callable[[], Tensor], params: Iterable[Tensor], *, lr
     (:func:`gradreg.experiments.full_batch.full_batch_run`).
     """
     _check_closure(closure)
-    params = check_params(params)
+    params = trainable(params)
     lr = check_real("lr", lr, positive=True)
     b = check_real("b (the flood level)", b)
     with torch.enable_grad():
@@ -286,7 +243,7 @@ def two_step_identity(
     only when both steps see the same loss. The parameters and their ``.grad`` are restored on return.
     """
     _check_closure(closure)
-    params = check_params(params)
+    params = trainable(params)
     crossing = _check_crossing(crossing, params)
     lr = check_real("lr", lr, positive=True)
     saved, old_grads = flat(params), [p.grad for p in params]

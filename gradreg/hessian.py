@@ -24,7 +24,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from gradreg._checks import as_params
+from gradreg._checks import trainable
 from gradreg.replay import Replay
 
 
@@ -92,9 +92,7 @@ def top_eigenvalue(
     ``.grad`` untouched), and the RNG is left as it was. ``iters`` ≥ 1, ``tol`` ≥ 0, and ``v0`` has one finite,
     not-all-zero tensor per parameter, shaped like it.
     """
-    params = [p for p in as_params(_as_list(params)) if p.requires_grad]
-    if not params:
-        raise ValueError("params: no parameter requires grad")
+    params = trainable(_as_list(params))
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
     if isinstance(tol, bool) or not isinstance(tol, Real) or not tol >= 0 or not math.isfinite(tol):

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 import gradreg.data
+from gradreg._checks import check_int, check_real
 from gradreg.data import Dataset
 from gradreg.experiments.training import evaluate
-from gradreg.flooding import Crossing, CrossingRecorder, check_int, check_real, flat, flooded
+from gradreg.flooding import Crossing, CrossingRecorder, flat, flooded
 from gradreg.hessian import top_eigenvalue
 from gradreg.methods import METHODS
 from gradreg.optim import GR
