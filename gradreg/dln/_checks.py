@@ -71,12 +71,12 @@ def check_alpha(alpha: object, d: int) -> np.ndarray:
     return np.broadcast_to(a, (d,)).copy()
 
 
-def check_real(name: str, value: object, *, minimum: float = 0.0, strict: bool = True) -> float:
-    """A finite real number ``> minimum`` (``>=`` when ``strict=False``), as a float."""
+def check_real(name: str, value: object, *, strict: bool = True) -> float:
+    """A finite real number ``> 0`` (``>= 0`` when ``strict=False``), as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    if float(value) < minimum or (strict and float(value) == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    if float(value) < 0 or (strict and float(value) == 0):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} 0, got {value!r}")
     return float(value)
 
 

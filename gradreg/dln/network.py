@@ -18,6 +18,7 @@ from gradreg.dln._checks import (
     check_data,
     check_form,
     check_method,
+    check_real,
     check_vector,
     check_weights,
 )
@@ -39,8 +40,12 @@ def dln_init(alpha: float | np.ndarray, d: int, form: Form = "pm") -> tuple[np.n
     """Initialization of scale ``alpha`` (scalar or one per coordinate) with ``beta(0) = 0``:
     ``u = v = alpha`` (form ``"pm"``) or ``u = alpha, v = 0`` (form ``"uv"``)."""
     check_form(form)
-    a = check_alpha(alpha, check_count("d", d, 1))
-    return a, (a.copy() if form == "pm" else np.zeros(d))
+    return _init(check_alpha(alpha, check_count("d", d, 1)), form)
+
+
+def _init(a: np.ndarray, form: str) -> tuple[np.ndarray, np.ndarray]:
+    """(u, v) = (alpha, alpha) for ``"pm"``, (alpha, 0) for ``"uv"``, from a checked ``alpha`` vector."""
+    return a, (a.copy() if form == "pm" else np.zeros_like(a))
 
 
 def _param_grad(u: np.ndarray, v: np.ndarray, G: np.ndarray, form: str) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +163,7 @@ def gr_objective(
     """The GR objective whose gradient DB-GR follows: ``mean_j [L_j + (gamma/2) |grad_theta L_j|^2]``."""
     X, y = check_data(X, y)
     u, v = check_vector("u", u, X.shape[1]), check_vector("v", v, X.shape[1])
-    _, gamma, _ = check_method("double", gamma, None)
+    gamma = check_real("gamma", gamma, strict=False)
     check_form(form, per_sample)
     beta = _beta(u, v, form)
     e = X @ beta - y

@@ -20,7 +20,7 @@ from gradreg.dln._checks import (
     check_method,
     check_real,
 )
-from gradreg.dln.network import _balance, _beta, _direction
+from gradreg.dln.network import _balance, _beta, _direction, _init
 from gradreg.dln.problem import SparseRegression, _check_sizes, _loss, make_sparse_regression
 from gradreg.dln.theory import argmin_q
 
@@ -88,7 +88,7 @@ def gradient_flow(
         raise ValueError(f"solver must be one of scipy's solve_ivp methods {SOLVERS}, got {solver!r}")
     integrate = require("scipy.integrate", extra="book", purpose="gradreg.dln.gradient_flow")
     d = X.shape[1]
-    u0, v0 = a, (a.copy() if form == "pm" else np.zeros(d))
+    u0, v0 = _init(a, form)
 
     def rhs(_t: float, z: np.ndarray) -> np.ndarray:
         du, dv, h = _direction(z[:d], z[d:2 * d], X, y, method, gamma, eps, per_sample, form)
@@ -149,7 +149,7 @@ def gradient_descent(
     X, y, a, method, gamma, eps = _check_run(X, y, alpha, method, gamma, eps, per_sample, form)
     lr, steps = check_real("lr", lr), check_count("steps", steps, 0)
     record_every = check_count("record_every", record_every, 1)
-    u, v = a, (a.copy() if form == "pm" else np.zeros(X.shape[1]))
+    u, v = _init(a, form)
     times, history = [], []
     for step in range(steps + 1):
         if step % record_every == 0 or step == steps:
