@@ -36,6 +36,8 @@ from gradreg.runtime import progress, seed_everything
 #: Training examples (the first ones) for the final ‖∇L‖ and sharpness: all of MNIST-1D's; 512 CIFAR-10 images,
 #: since double backpropagation through ResNet-18 keeps about three graphs' worth of activations.
 MEASURE_EXAMPLES = {"mnist1d": 4096, "cifar10": 512}
+#: The final sharpness: power iteration with at most this many Hessian–vector products, to this relative tolerance.
+SHARPNESS_ITERS, SHARPNESS_TOL = 200, 1e-5
 #: Training examples (the first ones, without augmentation) for the training loss and accuracy of every epoch.
 EVAL_EXAMPLES = 10_000
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -215,7 +217,7 @@ class _Trainer:
         self.model.eval()
         closure = lambda: nn.functional.cross_entropy(self.model(x), y)  # noqa: E731
         grads = torch.autograd.grad(closure(), params)
-        top = top_eigenvalue(closure, params, iters=200, tol=1e-5, seed=0)
+        top = top_eigenvalue(closure, params, iters=SHARPNESS_ITERS, tol=SHARPNESS_TOL, seed=0)
         self.model.train()
         return {**result, "grad_norm": float(torch.sqrt(sum((g * g).sum() for g in grads))),
                 "sharpness": top.value, "sharpness_converged": top.converged}
