@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
-from gradreg.bench.measure import benchmark, breakdown
+from gradreg.bench.measure import BREAKDOWN_ROWS, benchmark, breakdown
 from gradreg.bench.report import BenchResult, Breakdown
 from gradreg.bench.steppers import ATTENTION, ROWS, StepConfig
 from gradreg.bench.workloads import check_model_name, is_custom
-
-BREAKDOWN_ROWS = ("two-passes", "forward")
 
 
 def _integer(minimum: int) -> Callable[[str], int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import sys
@@ -15,6 +16,18 @@ _CHATTER = re.compile(
     r"^(USDT|STAGE):\S+ \S+ \d+:\d+ \S+\.cpp:\d+\] "  # profiler start/stop log lines
     r"|^\[W\d+ [\d:.]+ CPUAllocator\.cpp:\d+\] Memory block of unknown size was allocated before the profiling"
 )  # the second: a free, in ``before()``, of memory allocated before profiling — which is why before() exists
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The garbage collector paused (and switched back on after, if it was on): no collection inside a timed step."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def sync(device: torch.device) -> None:

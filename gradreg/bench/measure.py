@@ -30,13 +30,16 @@ from typing import Any
 
 import torch
 
-from gradreg.bench._profiler import sync
+from gradreg.bench._profiler import gc_paused, sync
 from gradreg.bench.flops import count_flops
-from gradreg.bench.memory import peak_allocated, resident_bytes
+from gradreg.bench.memory import step_peak
 from gradreg.bench.phases import profiled_step
 from gradreg.bench.report import BenchResult, Breakdown, MethodResult, new_results
 from gradreg.bench.steppers import DEFAULT_STEP, ROWS, StepConfig, Stepper, check_rows
 from gradreg.bench.workloads import Workload, make_workload
+
+#: The rows :func:`breakdown` compares by default: F-GR against its two plain passes.
+BREAKDOWN_ROWS = ("two-passes", "forward")
 
 
 def load_average() -> str:
@@ -73,17 +76,12 @@ def schedule(
 
 def timed_step(stepper: Stepper, device: torch.device) -> float:
     """Seconds of one step, with the garbage collector paused (and the device synchronised)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         sync(device)
         start = time.perf_counter()
         stepper.step()
         sync(device)
         return time.perf_counter() - start
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _warm_up(stepper: Stepper, result: MethodResult, device: torch.device) -> None:
@@ -107,9 +105,7 @@ def _profile(stepper: Stepper, result: MethodResult, device: torch.device) -> No
 
 def _memory(stepper: Stepper, result: MethodResult, device: torch.device) -> None:
     gc.collect()
-    held = resident_bytes(stepper)
-    result.peak_bytes = held + peak_allocated(stepper.step, device, before=stepper.step)
-    result.resident_bytes = held
+    result.resident_bytes, result.peak_bytes = step_peak(stepper, device)
 
 
 def _flops(stepper: Stepper, result: MethodResult, device: torch.device) -> None:
@@ -195,7 +191,7 @@ def _run_config(workload: Workload, device: torch.device, methods: list[str], re
 
 
 def breakdown(
-    model: str | Workload = "mlp", *, methods: Sequence[str] = ("two-passes", "forward"), rounds: int = 10,
+    model: str | Workload = "mlp", *, methods: Sequence[str] = BREAKDOWN_ROWS, rounds: int = 10,
     warmup: int = 2, device: str | torch.device | None = None, config: StepConfig = DEFAULT_STEP, seed: int = 0,
     progress: bool | None = None, **workload_kwargs: Any,
 ) -> Breakdown:

@@ -107,6 +107,13 @@ def peak_allocated(
     return allocation_levels(fn, device, before=before)[0]
 
 
+def step_peak(stepper: Stepper, device: torch.device) -> tuple[int, int]:
+    """(held, peak) of one more step: the bytes the stepper holds at its start (:func:`resident_bytes`), and those
+    plus the highest level of allocations during the step (:func:`peak_allocated`)."""
+    held = resident_bytes(stepper)
+    return held, held + peak_allocated(stepper.step, device, before=stepper.step)
+
+
 def activation_bytes(stepper: Stepper) -> int:
     """A: the bytes a forward pass of the row's model leaves allocated while its loss (and graph) is alive —
     the activations saved for the backward pass, measured as :func:`allocation_levels`' end level."""
@@ -138,8 +145,7 @@ def memory_by_batch(
         for method in methods:
             stepper = Stepper(method, workload, DEFAULT_STEP)
             stepper.step()
-            held = resident_bytes(stepper)
-            out["peak_bytes"][method].append(held + peak_allocated(stepper.step, device, before=stepper.step))
+            out["peak_bytes"][method].append(step_peak(stepper, device)[1])
             if method == methods[0]:
                 out["activation_bytes"].append(activation_bytes(stepper))
             del stepper

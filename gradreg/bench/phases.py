@@ -27,13 +27,12 @@ What the profiler can and cannot attribute:
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from gradreg.bench._profiler import sync, without_profiler_chatter
+from gradreg.bench._profiler import gc_paused, sync, without_profiler_chatter
 from gradreg.bench.steppers import Stepper
 
 #: The engine's phases, in the order of a step (``gradreg:`` + name).
@@ -86,16 +85,10 @@ def profiled_step(stepper: Stepper, device: torch.device) -> dict[str, float]:
     its time (``split_step``)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        with without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU]) as prof:
-            with record_function(STEP_RANGE):
-                stepper.step()
-                sync(device)
-    finally:
-        if was_enabled:
-            gc.enable()
+    with gc_paused(), without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function(STEP_RANGE):
+            stepper.step()
+            sync(device)
     return split_step(prof.profiler.kineto_results.events(), type(stepper.base).__name__)
 
 

@@ -62,6 +62,23 @@ def paired_median(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def _pair(results: dict[str, MethodResult], method: str, reference: str) -> tuple[MethodResult, MethodResult] | None:
+    """Both rows, if both were measured without error."""
+    a, b = results.get(method), results.get(reference)
+    return None if a is None or b is None or not (a.ok and b.ok) else (a, b)
+
+
+def _time_ratio(results: dict[str, MethodResult], method: str, reference: str) -> float:
+    pair = _pair(results, method, reference)
+    return math.nan if pair is None else paired_median(pair[0].times_s, pair[1].times_s)
+
+
+def _machine_line(config: dict[str, Any], machine: dict[str, Any]) -> str:
+    c, m = config, machine
+    return (f"device {m['device']} ({m['threads']} threads), torch {m['torch']}, {c['repeats']} rounds after "
+            f"{c['warmup']} warm-up; load average {m['load_before']} before, {m['load_after']} after")
+
+
 @dataclass
 class BenchResult:
     """Everything one benchmark run measured; ``table()`` prints it, ``to_dict()`` is what the JSON holds."""
@@ -74,23 +91,18 @@ class BenchResult:
     def __getitem__(self, method: str) -> MethodResult:
         return self.results[method]
 
-    def _pair(self, method: str, reference: str) -> tuple[MethodResult, MethodResult] | None:
-        a, b = self.results.get(method), self.results.get(reference)
-        return None if a is None or b is None or not (a.ok and b.ok) else (a, b)
-
     def time_ratio(self, method: str, reference: str = "sgd") -> float:
         """Median over rounds of t_method / t_reference, both timed in the same round."""
-        pair = self._pair(method, reference)
-        return math.nan if pair is None else paired_median(pair[0].times_s, pair[1].times_s)
+        return _time_ratio(self.results, method, reference)
 
     def memory_ratio(self, method: str, reference: str = "sgd") -> float:
-        pair = self._pair(method, reference)
+        pair = _pair(self.results, method, reference)
         if pair is None or pair[0].peak_bytes is None or pair[1].peak_bytes is None:
             return math.nan
         return pair[0].peak_bytes / pair[1].peak_bytes
 
     def flop_ratio(self, method: str, reference: str = "sgd") -> float:
-        pair = self._pair(method, reference)
+        pair = _pair(self.results, method, reference)
         if pair is None or not pair[0].flops or not pair[1].flops:
             return math.nan
         return pair[0].flops / pair[1].flops
@@ -117,8 +129,7 @@ class BenchResult:
         lines = [
             f"gradreg.bench: {self.workload}, batch {c['batch_size']}, {c['parameters'] / 1e6:.2f} M parameters, "
             f"{c.get('dtype', '')}, attention={c['attention']}",
-            f"device {m['device']} ({m['threads']} threads), torch {m['torch']}, {c['repeats']} rounds after "
-            f"{c['warmup']} warm-up; load average {m['load_before']} before, {m['load_after']} after",
+            _machine_line(c, m),
             "",
             f"{'method':<16}{'ms/step':>10}{'IQR':>16}{'×SGD':>7}{'×2-pass':>9}{'peak MiB':>11}{'×SGD':>7}"
             f"{'GFLOP':>9}{'×SGD':>7}",
@@ -194,8 +205,7 @@ class Breakdown:
 
     def time_ratio(self, method: str, reference: str = "two-passes") -> float:
         """Median over rounds of the unprofiled t_method / t_reference, both timed in the same round."""
-        a, b = self.results.get(method), self.results.get(reference)
-        return math.nan if a is None or b is None or not (a.ok and b.ok) else paired_median(a.times_s, b.times_s)
+        return _time_ratio(self.results, method, reference)
 
     def profiler_overhead(self, method: str) -> float:
         """Median over rounds of profiled / unprofiled step time, both taken in the same round."""
@@ -211,8 +221,7 @@ class Breakdown:
         lines = [
             f"gradreg.bench --breakdown: {self.workload}, batch {c['batch_size']}, {c['parameters'] / 1e6:.2f} M "
             f"parameters, {c.get('dtype', '')}",
-            f"device {m['device']} ({m['threads']} threads), torch {m['torch']}, {c['repeats']} rounds after "
-            f"{c['warmup']} warm-up; load average {m['load_before']} before, {m['load_after']} after",
+            _machine_line(c, m),
             "",
             f"{'ms per step, median of rounds':<32}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths)),
         ]

@@ -17,10 +17,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: The values ``RunConfig.method`` accepts: plain SGD, the four GR computations of ``gradreg.METHODS``,
-#: SAM and flooding.
-ALGORITHMS: tuple[str, ...] = ("sgd", "double", "forward", "backward", "central", "sam", "flooding")
-
 #: The hyperparameters each algorithm takes (every other one must be left ``None``).
 HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
     "sgd": (),
@@ -31,6 +27,10 @@ HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
     "sam": ("rho",),
     "flooding": ("flood",),
 }
+
+#: The values ``RunConfig.method`` accepts: plain SGD, the four GR computations of ``gradreg.METHODS``,
+#: SAM and flooding.
+ALGORITHMS: tuple[str, ...] = tuple(HYPERPARAMETERS)
 
 DATASETS: tuple[str, ...] = ("mnist1d", "cifar10")
 #: The models each data set can train (the MLP flattens images).
@@ -180,7 +180,6 @@ def grid(
     an error.
     """
     values = {"gamma": list(gammas), "eps": list(epss), "rho": list(rhos), "flood": list(floods)}
-    flags = {"gamma": "gammas", "eps": "epss", "rho": "rhos", "flood": "floods"}
     seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds must list at least one seed")
@@ -190,7 +189,7 @@ def grid(
         names = HYPERPARAMETERS[method]
         for name in names:
             if not values[name]:
-                raise ValueError(f"method={method!r} needs {name}: give at least one value in {flags[name]}")
+                raise ValueError(f"method={method!r} needs {name}: give at least one value in {name}s")
         for combo in itertools.product(*(values[n] for n in names), seeds):
             config = RunConfig(method=method, seed=combo[-1], **dict(zip(names, combo[:-1])), **common)
             configs.append(config.resolved())

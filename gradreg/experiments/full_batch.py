@@ -21,17 +21,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-import gradreg.data
 from gradreg._checks import check_int, check_real
 from gradreg.data import Dataset
-from gradreg.experiments.training import evaluate
+from gradreg.experiments.training import LossFn, evaluate
 from gradreg.flooding import Crossing, CrossingRecorder, flat, flooded
 from gradreg.hessian import top_eigenvalue
 from gradreg.methods import METHODS
 from gradreg.optim import GR
 from gradreg.runtime import progress
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 Stepper = Callable[[], tuple[float, float]]
 
 #: What ``full_batch_run(method=...)`` accepts: the two references, then every GR method.
@@ -107,7 +105,7 @@ class Measurer:
     eigenvector (seeded with the step number the first time).
     """
 
-    def __init__(self, model: torch.nn.Module, data: gradreg.data.Dataset, loss_fn: Callable[[Tensor, Tensor], Tensor],
+    def __init__(self, model: torch.nn.Module, data: Dataset, loss_fn: LossFn,
                  *, iters: int = 20, tol: float = 1e-3):
         self.model, self.data, self.loss_fn = model, data, loss_fn
         self.iters = check_int("sharpness_iters", iters, minimum=1)

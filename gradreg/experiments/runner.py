@@ -29,6 +29,7 @@ from gradreg import models
 from gradreg.engine import NonFiniteError
 from gradreg.experiments.config import RunConfig
 from gradreg.experiments.training import evaluate
+from gradreg.flooding import flooded
 from gradreg.hessian import top_eigenvalue
 from gradreg.optim import GR
 from gradreg.runtime import progress, seed_everything
@@ -111,13 +112,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
     """One step on the mini-batch (x, y); returns the cross-entropy L at θ before the step (detached).
 
     GR and SAM get a closure (they differentiate as their method needs); SGD backpropagates L, flooding the
-    flooded loss abs(L − b) + b (Ishida et al. 2020; the same as :func:`gradreg.flooding.flooded`).
+    flooded loss abs(L − b) + b (Ishida et al. 2020, :func:`gradreg.flooding.flooded`).
     """
     if isinstance(optimizer, GR):
         return optimizer.step(lambda: nn.functional.cross_entropy(model(x), y)).detach()
     optimizer.zero_grad()
     loss = nn.functional.cross_entropy(model(x), y)
-    (loss if flood is None else (loss - flood).abs() + flood).backward()
+    (loss if flood is None else flooded(loss, flood)).backward()
     optimizer.step()
     return loss.detach()
 
