@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import math
+import pathlib
+import sys
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -177,3 +182,36 @@ def relu_problem(seed: int = 0, n: int = 64, width: int = 16):
     y = torch.randint(0, 10, (n,), generator=g)
     torch.manual_seed(seed)
     return gr.models.mlp(8, width, 3, 10).double(), x, y
+
+
+def loss_of_flat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss=nn.functional.cross_entropy):
+    """θ ↦ L(θ) on the flattened parameters, by torch.func (independent of gradreg)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def at(theta: torch.Tensor) -> torch.Tensor:
+        chunks = torch.split(theta, [math.prod(s) for s in shapes])
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        return loss(functional_call(model, params, (x,)), y)
+
+    return at
+
+
+def params_vector(model: nn.Module) -> torch.Tensor:
+    """The parameters as one detached vector (torch's parameters_to_vector)."""
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """Import examples/<name>.py (examples/ is not a package; its scripts import each other by name)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(f"gradreg_examples_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return module

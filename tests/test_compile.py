@@ -8,13 +8,12 @@ one Inductor test is marked slow.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 import warnings
 
 import pytest
 import torch
+from helpers import load_example as example
 from torch import nn
 
 import gradreg as gr
@@ -22,18 +21,12 @@ import gradreg as gr
 pytest.importorskip("torch._dynamo")
 from torch._dynamo.testing import CompileCounterWithBackend
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 STEPS = 3
 METHODS = ["forward", "backward", "central", "sam"]
 # Fixed by the engine patch proposed in issue 12 (one hook key for every step; the compiled module's layers found
 # through the hook's call for it; DB-GR runs compiled modules eagerly). Remove the marks when it lands.
 
 
-def example(name: str):
-    spec = importlib.util.spec_from_file_location(f"gradreg_examples_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 compiled_example = example("compiled")

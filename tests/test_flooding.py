@@ -3,13 +3,11 @@ references computed independently with torch.func; and every argument check."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from helpers import relu_problem
+from helpers import loss_of_flat, params_vector, relu_problem
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import grad
 
 import gradreg as gr
 from gradreg.data import Dataset
@@ -30,16 +28,7 @@ _problem = relu_problem
 
 def _grad_at(model, x, y, flat: torch.Tensor, loss=nn.functional.cross_entropy) -> torch.Tensor:
     """∇L at the flattened parameters ``flat``, by torch.func (independent of gradreg)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    chunks = torch.split(flat, [math.prod(s) for s in shapes])
-    params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
-    out = grad(lambda p: loss(functional_call(model, p, (x,)), y))(params)
-    return torch.cat([out[n].reshape(-1) for n in names])
-
-
-def _flat(model) -> torch.Tensor:
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    return grad(loss_of_flat(model, x, y, loss))(flat)
 
 
 def _load(params, flat: torch.Tensor) -> None:
@@ -88,7 +77,7 @@ def test_flooded_loss_works_inside_gr():
     def flood_loss(out, target):
         return flooded(nn.functional.cross_entropy(out, target), b)
 
-    theta = _flat(model)
+    theta = params_vector(model)
     g = _grad_at(model, x, y, theta, flood_loss)
     expected = (1 - gamma / eps) * g + gamma / eps * _grad_at(model, x, y, theta + eps * g, flood_loss)
     opt = gr.GR(torch.optim.SGD(model.parameters(), lr=0.1), gamma=gamma, eps=eps)
@@ -109,14 +98,14 @@ def test_find_crossings():
 
 def test_flooding_step_ascends_below_and_descends_above_b():
     model, x, y = _problem()
-    theta = _flat(model)
+    theta = params_vector(model)
     g = _grad_at(model, x, y, theta)
     loss0 = float(nn.functional.cross_entropy(model(x), y).detach())
     for b, sign in [(loss0 + 1, 1.0), (loss0 - 1, -1.0)]:
         _load(model.parameters(), theta)
         out = flooding_step(lambda: nn.functional.cross_entropy(model(x), y), list(model.parameters()), lr=0.3, b=b)
         assert float(out) == loss0
-        assert torch.allclose(_flat(model), theta + sign * 0.3 * g, rtol=0, atol=1e-14)
+        assert torch.allclose(params_vector(model), theta + sign * 0.3 * g, rtol=0, atol=1e-14)
 
 
 def test_recorder_keeps_a_bounded_number_of_crossings_and_the_right_snapshots():
@@ -164,12 +153,12 @@ def test_two_step_identity_holds_to_round_off(flooding_run):
     """θ_{t+2} − θ_t = −η[∇L(θ_t + ηg) − g] (up) or −η[g − ∇L(θ_t − ηg)] (down), checked with torch.func."""
     model, x, y, closure, trajectory = flooding_run
     lr = trajectory.lr
-    saved = _flat(model)
+    saved = params_vector(model)
     grads = [p.grad for p in model.parameters()]
     for crossing in trajectory.crossings:
         err = two_step_identity(closure, list(model.parameters()), crossing, lr=lr)
         assert err.change <= 1e-12 and err.params <= 1e-15 and err.change <= 4 * err.floor
-        assert torch.equal(_flat(model), saved)  # parameters restored
+        assert torch.equal(params_vector(model), saved)  # parameters restored
         assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # and .grad as it was
         # independent reference for the prediction
         g = _grad_at(model, x, y, crossing.theta_t)
@@ -194,14 +183,14 @@ def test_two_step_identity_needs_the_same_batch(flooding_run):
     model, x, y, closure, trajectory = flooding_run
     crossing = next(c for c in trajectory.crossings if c.kind == "up")
     params = list(model.parameters())
-    saved = _flat(model)
+    saved = params_vector(model)
     _load(params, crossing.theta_t)
     half = len(x) // 2
     first = lambda: nn.functional.cross_entropy(model(x[:half]), y[:half])  # noqa: E731
     second = lambda: nn.functional.cross_entropy(model(x[half:]), y[half:])  # noqa: E731
     flooding_step(first, params, lr=trajectory.lr, b=1e9)  # ascent on batch 1 (L < b)
     flooding_step(second, params, lr=trajectory.lr, b=0.0)  # descent on batch 2 (L > 0 = b)
-    mixed = Crossing(crossing.t, "up", crossing.theta_t, _flat(model))
+    mixed = Crossing(crossing.t, "up", crossing.theta_t, params_vector(model))
     _load(params, saved)
     assert two_step_identity(first, params, mixed, lr=trajectory.lr).change > 1e-2
 
@@ -216,9 +205,9 @@ def test_flat_and_load_flat_round_trip_in_place():
     params = list(model.parameters())
     storage = [p.data_ptr() for p in params]
     theta = flat(params)
-    assert not theta.requires_grad and torch.equal(theta, _flat(model))
+    assert not theta.requires_grad and torch.equal(theta, params_vector(model))
     load_flat(params, 2 * theta)
-    assert torch.equal(_flat(model), 2 * theta)
+    assert torch.equal(params_vector(model), 2 * theta)
     assert [p.data_ptr() for p in params] == storage  # copied in place, no aliasing of the vector
     with pytest.raises(ValueError, match="entries"):
         load_flat(params, theta[:-1])
@@ -273,10 +262,10 @@ def test_flooded_accepts_any_real_number():
 def test_flooding_step_rejects_bad_numbers_before_any_work(kwargs, error, match):
     model, x, y = _problem()
     closure, calls = _counting_closure(model, x, y)
-    before = _flat(model)
+    before = params_vector(model)
     with pytest.raises(error, match=match):
         flooding_step(closure, model.parameters(), **{"lr": 0.1, "b": 0.5, **kwargs})
-    assert calls == [] and torch.equal(_flat(model), before)
+    assert calls == [] and torch.equal(params_vector(model), before)
 
 
 def test_flooding_step_rejects_bad_params_and_closures():
@@ -297,11 +286,11 @@ def test_flooding_step_rejects_bad_params_and_closures():
     with pytest.raises(TypeError, match="closure must be a callable"):
         flooding_step(None, model.parameters(), lr=0.1, b=0.5)
     assert calls == []
-    before = _flat(model)
+    before = params_vector(model)
     with pytest.raises(ValueError, match="scalar"):
         flooding_step(lambda: nn.functional.cross_entropy(model(x), y, reduction="none"), model.parameters(),
                       lr=0.1, b=0.5)
-    assert torch.equal(_flat(model), before)
+    assert torch.equal(params_vector(model), before)
 
 
 def test_flooding_step_skips_frozen_parameters():

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from helpers import relu_problem
+from helpers import loss_of_flat, params_vector, relu_problem
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import grad
 
 import gradreg as gr
 from gradreg.data import Dataset
@@ -26,23 +24,6 @@ def _problem(seed: int = 0, n: int = 64, width: int = 16):
     """The full-batch problem of tests/helpers.py, with its first 16 examples as a small test set."""
     model, x, y = relu_problem(seed, n, width)
     return model, Dataset(x, y, x[:16], y[:16], 10)
-
-
-def _flat(model) -> torch.Tensor:
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-
-
-def _loss_of_flat(model, data):
-    """θ ↦ L(θ) on the flattened parameters, by torch.func (independent of gradreg)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-
-    def loss(theta: torch.Tensor) -> torch.Tensor:
-        chunks = torch.split(theta, [math.prod(s) for s in shapes])
-        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
-        return nn.functional.cross_entropy(functional_call(model, params, (data.x,)), data.y)
-
-    return loss
 
 
 def _run(method: str, **kwargs):
@@ -62,13 +43,13 @@ def test_gd_is_plain_gradient_descent_in_float64():
     """θ_{t+1} = θ_t − η ∇L(θ_t), written out with torch.func on one flat vector: equal to 1e-12."""
     model, data, history = _run("gd")
     reference, _ = _problem()
-    loss = _loss_of_flat(reference, data)
-    theta = _flat(reference)
+    loss = loss_of_flat(reference, data.x, data.y)
+    theta = params_vector(reference)
     losses = []
     for _ in range(STEPS):
         losses.append(float(loss(theta)))
         theta = theta - LR * grad(loss)(theta)
-    assert float((_flat(model) - theta).norm() / theta.norm()) <= 1e-12
+    assert float((params_vector(model) - theta).norm() / theta.norm()) <= 1e-12
     assert history.losses == pytest.approx(losses, rel=1e-12, abs=0)
     assert len(history.grad_norms) == STEPS
 
@@ -83,7 +64,7 @@ def test_gd_equals_the_hand_written_loop_bit_for_bit():
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.add_(g, alpha=-LR)
-    assert torch.equal(_flat(model), _flat(reference))
+    assert torch.equal(params_vector(model), params_vector(reference))
 
 
 def test_flooding_run_equals_flooding_step_iterations():
@@ -95,7 +76,7 @@ def test_flooding_run_equals_flooding_step_iterations():
     crossings = find_crossings(losses, B)
     assert crossings.up and crossings.down  # the run does ascend and descend
     assert history.losses == losses
-    assert torch.equal(_flat(model), _flat(reference))
+    assert torch.equal(params_vector(model), params_vector(reference))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -113,7 +94,7 @@ def test_gr_run_equals_gr_grad_and_a_manual_update(method):
             for p in params:
                 p.add_(p.grad, alpha=-LR)
     assert history.losses == losses and history.grad_norms == []
-    assert torch.equal(_flat(model), _flat(reference))
+    assert torch.equal(params_vector(model), params_vector(reference))
 
 
 def test_forward_run_is_f_gr_by_its_formula():
@@ -121,19 +102,19 @@ def test_forward_run_is_f_gr_by_its_formula():
     gamma, eps = 0.1, 0.4
     model, data, _ = _run("forward", steps=1, gamma=gamma, eps=eps)
     reference, _ = _problem()
-    loss = _loss_of_flat(reference, data)
-    theta = _flat(reference)
+    loss = loss_of_flat(reference, data.x, data.y)
+    theta = params_vector(reference)
     g = grad(loss)(theta)
     expected = theta - LR * ((1 - gamma / eps) * g + gamma / eps * grad(loss)(theta + eps * g))
-    assert float((_flat(model) - expected).norm() / (expected - theta).norm()) <= 1e-12
+    assert float((params_vector(model) - expected).norm() / (expected - theta).norm()) <= 1e-12
 
 
 def test_grad_norms_are_the_norms_of_the_plain_gradient():
     for method in ("gd", "flooding"):
         _, data, history = _run(method, steps=4)
         reference, _ = _problem()
-        loss = _loss_of_flat(reference, data)
-        theta = _flat(reference)
+        loss = loss_of_flat(reference, data.x, data.y)
+        theta = params_vector(reference)
         g = grad(loss)(theta)
         assert history.grad_norms[0] == pytest.approx(float(g.norm()), rel=1e-12)
 
@@ -172,7 +153,7 @@ def test_measured_sharpness_is_the_top_hessian_eigenvalue():
     """A converged measurement equals the largest eigenvalue of the Hessian formed by torch.func."""
     model, data = _problem(width=8)
     measure = Measurer(model, data, nn.functional.cross_entropy, iters=500, tol=1e-12)
-    hessian = torch.func.hessian(_loss_of_flat(model, data))(_flat(model))
+    hessian = torch.func.hessian(loss_of_flat(model, data.x, data.y))(params_vector(model))
     eigenvalues = torch.linalg.eigvalsh(hessian)
     assert eigenvalues[-1] > abs(eigenvalues[0])  # the top eigenvalue is the largest in magnitude here
     assert measure(0)["sharpness"] == pytest.approx(float(eigenvalues[-1]), rel=1e-8)
@@ -182,7 +163,7 @@ def test_measure_every_none_measures_nothing_and_leaves_the_trajectory_alone():
     model_a, _, quiet = _run("gd")
     model_b, _, measured = _run("gd", measure_every=3)
     assert quiet.step == [] and quiet.sharpness == []
-    assert torch.equal(_flat(model_a), _flat(model_b)) and quiet.losses == measured.losses
+    assert torch.equal(params_vector(model_a), params_vector(model_b)) and quiet.losses == measured.losses
 
 
 # ---------------------------------------------------------------------------------------------- crossings
@@ -224,19 +205,19 @@ def test_flooding_run_keeps_the_first_crossings_of_each_kind():
 ])
 def test_full_batch_run_rejects_bad_arguments_before_training(kwargs, error, match):
     model, data = _problem()
-    before = _flat(model)
+    before = params_vector(model)
     with pytest.raises(error, match=match):
         full_batch_run(model, data, **{"method": "gd", "lr": 0.1, "steps": 2, **kwargs})
-    assert torch.equal(_flat(model), before)
+    assert torch.equal(params_vector(model), before)
 
 
 def test_zero_steps_measure_once_and_change_nothing():
     model, data = _problem()
-    before = _flat(model)
+    before = params_vector(model)
     history = full_batch_run(model, data, method="flooding", lr=0.1, b=0.5, steps=0, keep_crossings=2,
                              sharpness_iters=2)
     assert history.step == [0] and history.losses == [] and history.crossings == []
-    assert torch.equal(_flat(model), before)
+    assert torch.equal(params_vector(model), before)
 
 
 # ------------------------------------------------------------------------------------------------ at_loss

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import loss_of_flat, params_vector
 from torch import nn
-from torch.func import functional_call, hessian
+from torch.func import hessian
 
 from gradreg.hessian import hvp, top_eigenvalue
 from gradreg.replay import Replay
@@ -23,17 +24,7 @@ def _tiny(seed: int = 0):
 
 def _full_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The p×p Hessian of the loss in the flattened parameters, by torch.func (independent of gradreg)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(theta: torch.Tensor) -> torch.Tensor:
-        chunks = torch.split(theta, sizes)
-        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
-        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
-
-    return hessian(loss)(flat)
+    return hessian(loss_of_flat(model, x, y))(params_vector(model))
 
 
 def test_hvp_matches_the_full_hessian():

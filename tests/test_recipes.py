@@ -10,7 +10,6 @@ framework is optional: its tests skip when it is not installed.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import os
 import pathlib
@@ -20,24 +19,13 @@ import sys
 
 import pytest
 import torch
+from helpers import load_example as example
 from torch import nn
 
 import gradreg as gr
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-def example(name: str):
-    """Import examples/<name>.py (examples/ is not a package; its scripts import each other by name)."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(f"gradreg_examples_{name}", EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return module
 
 
 loop = example("train_loop")
