@@ -3,6 +3,7 @@ orders of convergence, and the size of autograd graphs."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -10,6 +11,22 @@ import torch
 from torch import Tensor
 
 from gradreg.engine import gr_grad
+
+
+def loss_of_flat(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor,
+                 y: Tensor) -> Callable[[Tensor], Tensor]:
+    """θ ↦ L(θ) = loss_fn(model(x; θ), y) on one flat parameter vector θ (in ``model.parameters()`` order), by
+    ``torch.func.functional_call``: the reference, independent of the engine, that ``torch.func.grad`` and ``jvp``
+    differentiate to any order."""
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss_at(theta: Tensor) -> Tensor:
+        chunks = theta.split([math.prod(shape) for shape in shapes])
+        weights = {name: c.view(shape) for name, c, shape in zip(names, chunks, shapes)}
+        return loss_fn(torch.func.functional_call(model, weights, (x,)), y)
+
+    return loss_at
 
 
 def gr_vector(closure: Callable[[], Tensor], params: Sequence[Tensor], *, seed: int = 0, **kwargs) -> Tensor:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
-from gradreg.diagnostics import autograd_graph_size, fd_errors, loglog_slope
+from gradreg.diagnostics import autograd_graph_size, fd_errors, loglog_slope, loss_of_flat
 
 
 def test_loglog_slope_recovers_a_power_law():
@@ -55,3 +56,16 @@ def test_graph_size_agrees_with_an_identity_count_on_random_graphs():
             nodes.append(rng.choice([lambda u, v: u * v, lambda u, v: u + v.sin(), lambda u, v: (u - v).tanh()])(a, b))
         out = sum(n.sum() for n in nodes[-4:])
         assert autograd_graph_size(out) == by_identity(out)
+
+
+def test_loss_of_flat_is_the_model_loss_and_differentiates_like_autograd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    loss = nn.functional.cross_entropy(model(x), y)
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    loss_at = loss_of_flat(model, nn.functional.cross_entropy, x, y)
+    assert torch.equal(loss_at(theta), loss.detach())
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    assert torch.allclose(torch.func.grad(loss_at)(theta), expected, rtol=0, atol=1e-15)
+    assert not torch.equal(loss_at(theta + 0.1), loss.detach())  # it reads θ, not the module's parameters
