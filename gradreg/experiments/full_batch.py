@@ -105,7 +105,7 @@ class Measurer:
     eigenvector (seeded with the step number the first time).
     """
 
-    def __init__(self, model: torch.nn.Module, data: Dataset, loss_fn: LossFn,
+    def __init__(self, model: torch.nn.Module, data: Dataset, loss_fn: Callable[[Tensor, Tensor], Tensor],
                  *, iters: int = 20, tol: float = 1e-3):
         self.model, self.data, self.loss_fn = model, data, loss_fn
         self.iters = check_int("sharpness_iters", iters, minimum=1)
