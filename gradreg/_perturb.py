@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -26,15 +28,19 @@ def _adaptive_scale(param: Tensor, eta: float) -> Tensor:
 
 def perturbed_point(groups: list, data: list[Tensor], grads: list[Tensor], sign: float, perturbation: str,
                     eta: float, out: list[Tensor] | None, scale: float = 1.0) -> list[Tensor]:
-    """θ + sign·δ, δ = ε g, ε g/‖g‖ or ε T²g/‖Tg‖ (ε per group, norms over all groups), in ``out`` if given;
-    ``grads`` hold scale·g (a loss scale cancels in the normalized steps)."""
+    """θ + sign·δ, δ = ε g, ε g/‖g‖ or ε T²g/‖Tg‖ (ε per group, norms over all groups), in ``out`` if given.
+
+    ``grads`` hold scale·g (a loss scale, or the engine's backward seed, which may be negative): the raw step
+    divides by ``scale``; the normalized steps divide by ‖scale·g‖ + |scale|·floor and multiply by the sign of
+    ``scale``, so that δ is the step of g itself whatever the scale.
+    """
     directions, denominator = grads, scale  # raw: δ = ε (scale·g)/scale
     if perturbation == "normalized":
-        denominator = _global_norm(grads).add_(NORM_FLOOR)
+        denominator = _global_norm(grads).add_(abs(scale) * NORM_FLOOR).mul_(math.copysign(1.0, scale))
     elif perturbation == "adaptive":
         scales = [_adaptive_scale(p, eta) for p in data]
         scaled = torch._foreach_mul(scales, grads)  # T g
-        denominator = _global_norm(scaled).add_(NORM_FLOOR)
+        denominator = _global_norm(scaled).add_(abs(scale) * NORM_FLOOR).mul_(math.copysign(1.0, scale))
         directions = torch._foreach_mul(scaled, scales)  # T² g
     factors = [sign * group.eps / denominator for group in groups for _ in group.params]  # floats if raw
     if out is None:

@@ -72,13 +72,21 @@ def _finite_flag(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack([t.isfinite().all() for t in tensors]).all()
 
 
-def _materialize(params: list[Tensor]) -> list[Tensor]:
-    for p in params:
-        if p.grad is None:
+def _collect(params: list[Tensor], had_grad: Sequence[bool] | None = None) -> list[Tensor]:
+    """The ``.grad`` tensors the step produced. A parameter that no pass gave a gradient keeps ``.grad = None`` (as
+    after a plain backward: the base optimizer skips it); one that had a gradient in some pass gets zeros."""
+    for k, p in enumerate(params):
+        if p.grad is None and had_grad is not None and had_grad[k]:
             p.grad = torch.zeros_like(p)
-        elif p.grad.is_sparse:
+        elif p.grad is not None and p.grad.is_sparse:
             raise ValueError("sparse gradients (e.g. nn.Embedding(sparse=True)) are not supported: use sparse=False")
-    return [p.grad for p in params]
+    return [p.grad for p in params if p.grad is not None]
+
+
+def _scale(grads: list[Tensor | None], factor: float) -> None:
+    present = [g for g in grads if g is not None]
+    if present:
+        torch._foreach_mul_(present, factor)
 
 
 def _finite_differences(groups: list[ParamGroup], replay: Replay, perturbation: str, eta: float, method: str,
@@ -92,16 +100,18 @@ def _finite_differences(groups: list[ParamGroup], replay: Replay, perturbation: 
     seed = weight_g[0] if shared and weight_g[0] != 0.0 else 1.0  # pass 1 writes (1 − cΣw)·g into .grad
     with record_function("gradreg:pass1"):  # g, all-reduced unless each worker perturbs with its own
         losses = [replay.run_pass(params, seed, sync=not (local and active))]
-    grads = _materialize(params)
+    present = _collect(params)  # sparse gradients refused before any perturbation
     if not active:
-        return losses, grads, [], None
+        return losses, present, [], None
     if replay.ddp is not None and len(active) < len(groups):
         raise ValueError("with ddp, every parameter group needs gamma > 0 (DDP waits for every gradient)")
     inputs = [p for group in active for p in group.params]
+    had_grad = [p.grad is not None for p in params]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # no gradient: δ = 0 there
     with record_function("gradreg:perturb"):
         out = None if buffer is None else [kept(buffer, p) for p in params]
         point = perturbed_point(groups, replay.data, grads, stencil[0][0], perturbation, eta, out,
-                                replay.loss_scale * seed)
+                                replay.loss_scale * seed)  # a negative seed (c > 1) keeps its sign in δ
         g_flags = []  # g's finiteness where d does not carry g
         if shared and weight_g[0] == 0.0:  # d = Σ_j w_j ∇L(θ + s_j δ): free g before the perturbed pass
             g_flags.append(_finite_flag(grads))
@@ -109,10 +119,10 @@ def _finite_differences(groups: list[ParamGroup], replay: Replay, perturbation: 
                 p.grad = None
         if not shared:  # .grad ← (a_k/c_k)·g per group; the perturbed passes add w_j ∇L_j; then ×c_k
             for group, c_k, a_k in zip(active, c, weight_g):
-                torch._foreach_mul_([p.grad for p in group.params], a_k / c_k)
+                _scale([p.grad for p in group.params], a_k / c_k)
     for j, (sign, weight) in enumerate(stencil):
-        if j:  # θ + s_j δ from θ + s_0 δ, through θ (central: the reflection θ − δ)
-            torch._foreach_lerp_(point, replay.data, 1.0 - sign / stencil[0][0])
+        if j:  # θ + s_j δ from θ + s_{j−1} δ, through θ (central: the reflection θ − δ)
+            torch._foreach_lerp_(point, replay.data, 1.0 - sign / stencil[j - 1][0])
         with record_function(f"gradreg:pass{j + 2}"):
             replay.swap_in(point)
             losses.append(replay.run_pass(inputs, c[0] * weight if shared else weight, sync=j == len(stencil) - 1))
@@ -120,9 +130,18 @@ def _finite_differences(groups: list[ParamGroup], replay: Replay, perturbation: 
     with record_function("gradreg:combine"):
         if not shared:
             for group, c_k in zip(active, c):
-                torch._foreach_mul_([p.grad for p in group.params], c_k)
-        grads = _materialize(params)
+                _scale([p.grad for p in group.params], c_k)
+        grads = _collect(params, had_grad)
     return losses, grads, g_flags, point  # the point θ + s_1δ is finite exactly when g is
+
+
+def _refuse_undeclared_ddp(replay: Replay) -> None:
+    if replay.ddp is None and replay.ddp_seen is not None:
+        raise ValueError(
+            "the closure calls a DistributedDataParallel module, but the engine was not given it: DB-GR's double "
+            "backward is not synchronised by DDP, so the direction would be each worker's own. Pass the module: "
+            "GR(..., ddp=model) (or gr_direction(..., ddp=model))"
+        )
 
 
 def _double_backprop(groups: list[ParamGroup], replay: Replay, local: bool):
@@ -136,14 +155,18 @@ def _double_backprop(groups: list[ParamGroup], replay: Replay, local: bool):
     with record_function("gradreg:pass1"):
         if one_graph:
             losses = [replay.evaluate(replay.closures[0])]
+            _refuse_undeclared_ddp(replay)
             first = torch.autograd.grad(losses[0] * scale if scale != 1.0 else losses[0], params, create_graph=True,
                                         allow_unused=True)
-            direction = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(first, params)]
+            direction = [None if g is None else g.detach() for g in first]
         else:
             losses = [replay.run_pass(params, sync=not local)]
-            direction = [g.detach() for g in _materialize(params)]
-    g_flags = [_finite_flag(direction)]  # exact: d = g + γHg is written over g below
-    v = [d / scale for d in direction] if scale != 1.0 else direction if one_graph else [d.clone() for d in direction]
+            _refuse_undeclared_ddp(replay)
+            direction = [p.grad for p in params]
+    present = [d for d in direction if d is not None]
+    g_flags = [_finite_flag(present)] if present else []  # exact: d = g + γHg is written over g below
+    v = [d if d is None or (one_graph and scale == 1.0) else d / scale if scale != 1.0 else d.clone()
+         for d in direction]
     if active:
         replay.begin_pass()  # pass 2: the double backward
         with record_function("gradreg:pass2"):
@@ -156,13 +179,13 @@ def _double_backprop(groups: list[ParamGroup], replay: Replay, local: bool):
             if one_graph:
                 _add_hvp(direction, first, v, active, params)
     if replay.ddp is not None:
-        replay.all_reduce_mean(direction)
+        replay.all_reduce_mean([d for d in direction if d is not None])
     for p, d in zip(params, direction):
         p.grad = d
-    return losses, _materialize(params), g_flags, None
+    return losses, _collect(params), g_flags, None
 
 
-def _add_hvp(direction: list[Tensor], grads: Sequence[Tensor | None], v: list[Tensor],
+def _add_hvp(direction: list[Tensor | None], grads: Sequence[Tensor | None], v: list[Tensor | None],
              active: list[tuple[Tensor, float]], params: list[Tensor]) -> None:
     """direction_k += γ_k ∇_k(g · v) for the active parameters (H v; zero where g has no graph)."""
     pairs = [(g, u) for g, u in zip(grads, v) if g is not None and g.requires_grad]
@@ -171,8 +194,9 @@ def _add_hvp(direction: list[Tensor], grads: Sequence[Tensor | None], v: list[Te
     hvp = torch.autograd.grad([g for g, _ in pairs], [p for p, _ in active], [u for _, u in pairs], allow_unused=True)
     where = {id(p): k for k, p in enumerate(params)}
     for (p, gamma), h in zip(active, hvp):
+        k = where[id(p)]
         if h is not None:
-            direction[where[id(p)]].add_(h, alpha=gamma)
+            direction[k] = h.mul(gamma) if direction[k] is None else direction[k].add_(h, alpha=gamma)
 
 
 def _raise_if_nonfinite(method: str, losses: list[Tensor], direction: list[Tensor], g_flags: list[Tensor],
@@ -187,8 +211,8 @@ def _raise_if_nonfinite(method: str, losses: list[Tensor], direction: list[Tenso
         index, what = 1, "loss" if not loss_ok[0] else "gradient"
     elif not all(loss_ok):
         index, what = loss_ok.index(False) + 1, "loss"
-    elif not _exactly_finite(direction):  # a perturbed pass's gradient (g is finite: the point showed it)
-        index, what = len(losses), "gradient"
+    elif not _exactly_finite(direction):  # a later pass's gradient (g is finite: the point or g's flag showed it)
+        index, what = 2 if method == "double" else len(losses), "gradient"
     else:
         return  # a false alarm: a sum overflowed, every element is finite
     where = f"pass {index} ({pass_name(method, index)})"

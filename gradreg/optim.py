@@ -10,6 +10,7 @@ and lets the base optimizer step with it.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +24,15 @@ from gradreg.engine import NonFiniteError, ParamGroup, gr_direction
 Closure = Callable[[], Tensor] | Sequence[Callable[[], Tensor]]
 
 ON_NONFINITE = ("raise", "skip")
-SETTINGS = ("method", "perturbation", "adaptive_eta", "on_nonfinite", "skipped_steps", "local_perturbation")
+#: The one key GR adds to each param group, a dict of GR's own per-group settings, which no optimizer reads:
+#: ``group["gradreg"] = {"gamma": γ, "eps": ε}``. The base optimizer's own keys (Adam's ``eps``, ...) stay its own.
+NAMESPACE = "gradreg"
+GROUP_KEYS = ("gamma", "eps")
+#: What a checkpoint must agree on with the wrapper that loads it (they define the direction).
+CONFIG = ("method", "perturbation", "adaptive_eta", "local_perturbation")
+SETTINGS = (*CONFIG, "on_nonfinite", "skipped_steps")
+#: ``state_dict()["gr"]["format"]``: 3 since gradreg 0.3 (per-group settings under ``"gradreg"``); 0.2.0 wrote none.
+FORMAT = 3
 
 
 def _refuse_unsuitable(base_optimizer: object) -> None:
@@ -33,6 +42,9 @@ def _refuse_unsuitable(base_optimizer: object) -> None:
             f"base_optimizer must be a torch.optim.Optimizer instance, got {type(base_optimizer).__name__}: "
             "build it first, e.g. GR(torch.optim.SGD(model.parameters(), lr=0.1), gamma=..., eps=...)"
         )
+    if isinstance(base_optimizer, GR):
+        raise TypeError("base_optimizer is already a gradreg.GR: wrap a plain optimizer, "
+                        "e.g. GR(torch.optim.SGD(model.parameters(), lr=0.1), gamma=..., eps=...)")
     if isinstance(base_optimizer, torch.optim.SparseAdam):
         raise TypeError("base_optimizer: SparseAdam needs sparse gradients, and GR directions are dense; use Adam")
     closure = inspect.signature(type(base_optimizer).step).parameters.get("closure")
@@ -73,17 +85,40 @@ def _record_overflow(scaler: torch.amp.GradScaler, base: Optimizer) -> None:
             p.grad = grad
 
 
-def _check_groups(groups: Sequence[dict[str, Any]], defaults: dict[str, Any], method: str, perturbation: str,
-                  adaptive_eta: object = 0.01) -> None:
-    """Every group's ``gamma``/``eps`` (its own, else the defaults) valid for ``method``; errors name the group."""
-    for i, group in enumerate(groups):
-        check_config(group.get("gamma", defaults["gamma"]), group.get("eps", defaults["eps"]), method, perturbation,
-                     adaptive_eta, where=f" (param group {i})")
+def _refuse_legacy_keys(group: dict[str, Any], base: Optimizer, i: int) -> None:
+    """A plain ``gamma``/``eps`` key that the base optimizer does not use was meant for GR (gradreg 0.2.0's way):
+    refused, since GR reads only ``group["gradreg"]`` (and an optimizer's own ``eps`` must never be GR's)."""
+    legacy = [key for key in GROUP_KEYS if key in group and key not in base.defaults]
+    if legacy:
+        raise ValueError(
+            f"param group {i} has the key(s) {legacy}, which {type(base).__name__} does not use: GR's per-group "
+            f"settings live in the group's 'gradreg' dict, e.g. {{'params': ..., 'gradreg': {{'gamma': 0.1}}}} "
+            "(plain 'gamma'/'eps' keys, as in gradreg 0.2.0, collide with optimizers' own, such as Adam's eps)"
+        )
+
+
+def _group_settings(group: object, defaults: dict[str, Any], base: Optimizer, i: int, method: str,
+                    perturbation: str, adaptive_eta: object) -> dict[str, Any]:
+    """GR's settings of param group ``i``: its ``group["gradreg"]`` entries, else ``defaults``; checked."""
+    if not isinstance(group, dict):
+        raise TypeError(f"param_group must be a dict such as {{'params': [...], 'lr': 0.01, 'gradreg': "
+                        f"{{'gamma': 0.1}}}}, got {type(group).__name__}")
+    _refuse_legacy_keys(group, base, i)
+    own = group.get(NAMESPACE, {})
+    if not isinstance(own, dict) or not set(own) <= set(GROUP_KEYS):
+        raise ValueError(f"param group {i}: group[{NAMESPACE!r}] must be a dict with the keys {GROUP_KEYS} (each "
+                         f"optional), got {own!r}")
+    gamma, eps = check_config(own.get("gamma", defaults["gamma"]), own.get("eps", defaults["eps"]), method,
+                              perturbation, adaptive_eta, where=f" (param group {i})")
+    return {"gamma": gamma, "eps": eps}
 
 
 def _check_settings(settings: dict[str, Any]) -> None:
-    if not set(settings) <= set(SETTINGS):
-        raise ValueError(f"state_dict['gr'] may have the keys {SETTINGS}; got {tuple(settings)}")
+    if not set(settings) <= {*SETTINGS, "format", "base"}:
+        raise ValueError(f"state_dict['gr'] may have the keys {(*SETTINGS, 'format', 'base')}; got {tuple(settings)}")
+    if settings.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"state_dict['gr']['format'] is {settings['format']!r}; this gradreg reads format {FORMAT} "
+                         "and gradreg 0.2.0's checkpoints (no format)")
     if settings.get("on_nonfinite", "raise") not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}; got {settings['on_nonfinite']!r}")
     if not isinstance(settings.get("local_perturbation", False), bool):
@@ -98,10 +133,8 @@ class GR(Optimizer):
 
     Args:
         base_optimizer: an already-built optimizer; it owns the parameter groups, their state and the step.
-        gamma: GR strength γ ≥ 0 in L + (γ/2)‖∇L‖². A parameter group may override it with a ``"gamma"`` key.
-        eps: finite-difference step ε > 0 (required unless ``method="double"``); per-group ``"eps"`` too.
-            With different ε per group the ascent step is ε_k g_k per group: keep one ε for the exact GR
-            gradient and vary γ per group instead.
+        gamma: GR strength γ ≥ 0 in L + (γ/2)‖∇L‖².
+        eps: finite-difference step ε > 0 (required unless ``method="double"``).
         method: ``"forward"`` (F-GR), ``"backward"`` (B-GR), ``"central"`` or ``"double"`` (exact, double
             backprop); see :func:`gradreg.gr_grad`.
         perturbation: ``"raw"`` (ε g), ``"normalized"`` (ε g/‖g‖, the SAM/GNP family) or ``"adaptive"`` (ASAM).
@@ -111,21 +144,29 @@ class GR(Optimizer):
         keep_buffer: keep the buffer of the perturbed point θ + δ between steps (the default), as SAM
             implementations keep their copy of θ: no allocation and no page faults per step. The price is one
             parameter-sized buffer held between steps too; the peak memory of a step is the same either way.
-            ``False`` allocates it in every step and frees it after (measured 2–8 % slower per step on a
-            width-512 MLP on a CPU, from page faults).
+            ``False`` allocates it in every step and frees it after.
         ddp: the ``DistributedDataParallel`` module the closure calls. Gradients are then synchronised where the
             mathematics needs it and nowhere else: by default the perturbation uses the all-reduced gradient
-            (a DDP step equals the single-process step on the concatenated batch; two all-reduces per step);
+            (a DDP step equals the single-process step on the concatenated batch; two all-reduces per step).
+            Without ``ddp`` the finite-difference methods are still exact (every backward all-reduces); DB-GR
+            refuses a closure that calls a DDP module.
         local_perturbation: with ``ddp``, each worker perturbs with its own gradient instead (SAM's
             m-sharpness; one all-reduce per step, as for SGD).
 
-    ``param_groups`` and ``state`` are the base optimizer's own, and ``defaults`` include the base optimizer's, so
-    every torch LR scheduler, per-group learning rates and ``state_dict``/``load_state_dict`` (which also
-    restore ``gamma``/``eps`` per group) work as usual. Groups whose parameters are all frozen are skipped; a
-    parameter may appear in one group only, once. For gradient clipping, split the step:
-    ``loss = opt.direction(closure)``, clip ``.grad``, then ``opt.base_optimizer.step()``.
-    Base optimizers that re-evaluate a closure themselves (LBFGS) or need sparse gradients (SparseAdam) are
-    refused.
+    **Per-group settings** live in GR's own namespace, one key no optimizer reads: ``group["gradreg"] =
+    {"gamma": γ, "eps": ε}``, filled from ``gamma``/``eps`` where a group does not set them, e.g.
+    ``AdamW([{"params": decay}, {"params": no_decay, "gradreg": {"gamma": 0.0}}])``. The base optimizer's own keys
+    (Adam's ``eps``, a third-party optimizer's ``gamma``) are never read or written by GR; a plain ``"gamma"`` or
+    ``"eps"`` key the base optimizer does not use (gradreg 0.2.0's way) is refused. With different ε per group the
+    ascent step is ε_k g_k per group: keep one ε for the exact GR gradient and vary γ per group instead.
+
+    ``param_groups`` and ``state`` are the base optimizer's own, so every torch LR scheduler, per-group learning
+    rates and ``state_dict``/``load_state_dict`` work as usual (a checkpoint restores each group's ``"gradreg"``
+    settings, refuses one of another optimizer or of another method/perturbation, and migrates gradreg 0.2.0's).
+    Groups whose parameters are all frozen are skipped; a parameter may appear in one group only, once. For
+    gradient clipping, split the step: ``loss = opt.direction(closure)``, clip ``.grad``, then
+    ``opt.base_optimizer.step()``. Base optimizers that re-evaluate a closure themselves (LBFGS) or need sparse
+    gradients (SparseAdam) are refused.
     """
 
     def __init__(
@@ -144,8 +185,11 @@ class GR(Optimizer):
     ):
         _refuse_unsuitable(base_optimizer)
         gamma, eps = check_config(gamma, eps, method, perturbation, adaptive_eta)
-        _check_groups(base_optimizer.param_groups, {"gamma": gamma, "eps": eps}, method, perturbation)
+        for i, group in enumerate(base_optimizer.param_groups):  # every group checked before any changes
+            _group_settings(group, {"gamma": gamma, "eps": eps}, base_optimizer, i, method, perturbation, adaptive_eta)
         _check_settings({"on_nonfinite": on_nonfinite})
+        if not isinstance(keep_buffer, bool):
+            raise TypeError(f"keep_buffer must be True or False, got {keep_buffer!r}")
         if ddp is not None and not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
             raise TypeError(f"ddp must be the DistributedDataParallel module the closure calls, got "
                             f"{type(ddp).__name__}")
@@ -161,7 +205,8 @@ class GR(Optimizer):
         self.skipped_steps = 0
         self.buffer: dict[Tensor, Tensor] | None = {} if keep_buffer else None
         self.ddp, self.local_perturbation = ddp, local_perturbation
-        super().__init__(base_optimizer.param_groups, {**base_optimizer.defaults, "gamma": gamma, "eps": eps})
+        super().__init__(base_optimizer.param_groups, {**base_optimizer.defaults,
+                                                       NAMESPACE: {"gamma": gamma, "eps": eps}})
         base_optimizer._wrapped_by_gradreg = True
 
     # The ascent–descent family as configurations of the one engine (Chapter 4).
@@ -208,18 +253,26 @@ class GR(Optimizer):
         pass
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer (unless it is already there) with this GR's ``gamma``/``eps``
-        defaults; the group is checked before anything changes."""
-        check_config(param_group.get("gamma", self.defaults["gamma"]), param_group.get("eps", self.defaults["eps"]),
-                     self.method, self.perturbation)
+        """Add a group to the base optimizer (unless it is already there); its ``"gradreg"`` settings default to
+        this GR's ``gamma``/``eps``. The group is checked before anything changes."""
+        settings = self._settings(param_group, len(self.base_optimizer.param_groups))
         if not any(param_group is group for group in self.base_optimizer.param_groups):
             self.base_optimizer.add_param_group(param_group)
-        param_group.setdefault("gamma", self.defaults["gamma"])
-        param_group.setdefault("eps", self.defaults["eps"])
+        param_group[NAMESPACE] = settings
+
+    def _settings(self, group: object, i: int) -> dict[str, Any]:
+        return _group_settings(group, self.defaults[NAMESPACE], self.base_optimizer, i, self.method,
+                               self.perturbation, self.adaptive_eta)
 
     def _groups(self) -> list[ParamGroup]:
-        return [ParamGroup(group["params"], group.get("gamma", self.defaults["gamma"]),
-                           group.get("eps", self.defaults["eps"])) for group in self.param_groups]
+        """The engine's groups, from each group's ``"gradreg"`` settings (filled in for a group that was added to
+        the base optimizer directly)."""
+        groups = []
+        for i, group in enumerate(self.param_groups):
+            settings = self._settings(group, i)
+            group.setdefault(NAMESPACE, settings)
+            groups.append(ParamGroup(group["params"], settings["gamma"], settings["eps"]))
+        return groups
 
     def direction(self, closure: Closure, *, scaler: torch.amp.GradScaler | None = None) -> Tensor | None:
         """Fill ``.grad`` with the GR direction and return the loss at θ, without stepping.
@@ -269,33 +322,85 @@ class GR(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (its groups carry ``gamma``/``eps``) plus this wrapper's settings."""
+        """The base optimizer's state dict (each group with its ``"gradreg"`` settings) plus ``"gr"``: this
+        wrapper's settings, the base optimizer's class and the format."""
         state = self.base_optimizer.state_dict()
-        state["gr"] = {name: getattr(self, name) for name in SETTINGS}
+        state["param_groups"] = [{**group, NAMESPACE: dict(group[NAMESPACE])} if NAMESPACE in group else group
+                                 for group in state["param_groups"]]
+        state["gr"] = {"format": FORMAT, "base": type(self.base_optimizer).__name__,
+                       **{name: getattr(self, name) for name in SETTINGS}}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` (or a plain base optimizer's); everything is checked before anything changes."""
+        """Load a :meth:`state_dict`, a gradreg 0.2.0 one (migrated) or a plain base optimizer's (GR's settings
+        stay). A checkpoint of another base optimizer or of another method, perturbation, ``adaptive_eta`` or
+        ``local_perturbation`` is refused; ``on_nonfinite`` stays this wrapper's. Everything is checked before
+        anything changes."""
         state_dict = dict(state_dict)
         settings = state_dict.pop("gr", None)
-        current = {name: getattr(self, name) for name in SETTINGS}
+        groups = [dict(group) for group in state_dict.get("param_groups", [])]
         if settings is not None:
             _check_settings(settings)
-        merged = {**current, **(settings or {})}
-        _check_groups(state_dict.get("param_groups", []), self.defaults, merged["method"], merged["perturbation"],
-                      merged["adaptive_eta"])
-        self.base_optimizer.load_state_dict(state_dict)
-        for name, value in merged.items():
-            setattr(self, name, value)
+            self._refuse_other_config(settings)
+            if "format" not in settings:  # gradreg 0.2.0: GR's settings were plain keys of the groups
+                groups = [self._migrated(group) for group in groups]
+        current = self.param_groups
+        for i, group in enumerate(groups):
+            self._refuse_foreign_keys(group, i)
+            if NAMESPACE not in group and i < len(current):  # a plain base optimizer's checkpoint
+                group[NAMESPACE] = dict(current[i].get(NAMESPACE, {}))
+            group[NAMESPACE] = self._settings(group, i)
+        self.base_optimizer.load_state_dict({**state_dict, "param_groups": groups})
+        if settings is not None:
+            self.skipped_steps = settings.get("skipped_steps", 0)
 
-    def __getstate__(self) -> dict[str, Any]:  # copy and pickle the wrapper whole (torch's keeps 3 fields)
-        return dict(self.__dict__)
+    def _refuse_other_config(self, settings: dict[str, Any]) -> None:
+        base = settings.get("base", type(self.base_optimizer).__name__)
+        if base != type(self.base_optimizer).__name__:
+            raise ValueError(f"the checkpoint is of GR around {base}, this GR wraps "
+                             f"{type(self.base_optimizer).__name__}: build the GR around a {base}")
+        for name in CONFIG:
+            if name in settings and settings[name] != getattr(self, name):
+                raise ValueError(
+                    f"the checkpoint was saved by a GR with {name}={settings[name]!r}, this GR has {name}="
+                    f"{getattr(self, name)!r}: build the GR with GR(..., {name}={settings[name]!r}) to resume it, or "
+                    "load the base optimizer's state alone (drop the checkpoint's 'gr' entry)"
+                )
+
+    def _refuse_foreign_keys(self, group: dict[str, Any], i: int) -> None:
+        """A group key that this base optimizer's groups do not have: a checkpoint of another optimizer."""
+        known = {"params", NAMESPACE, "initial_lr", *self.base_optimizer.defaults,
+                 *(key for g in self.param_groups for key in g)}
+        foreign = sorted(set(group) - known)
+        if foreign:
+            raise ValueError(f"param group {i} of the checkpoint has the key(s) {foreign}, which "
+                             f"{type(self.base_optimizer).__name__}'s groups do not have: it is a checkpoint of "
+                             "another optimizer")
+
+    def _migrated(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A gradreg 0.2.0 group: its ``gamma`` (and ``eps``, unless the base optimizer has an ``eps`` of its own,
+        which 0.2.0 confused with GR's) moved under ``"gradreg"``."""
+        own = {key: group.pop(key) for key in GROUP_KEYS if key in group and key not in self.base_optimizer.defaults}
+        if "eps" not in own and self.method != "double":
+            warnings.warn(f"a gradreg 0.2.0 checkpoint of GR around {type(self.base_optimizer).__name__}, whose own "
+                          "'eps' shadowed GR's: GR's eps is taken from this wrapper "
+                          f"({self.defaults[NAMESPACE]['eps']})", UserWarning, stacklevel=3)
+        return {**group, NAMESPACE: own}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The wrapper whole (torch's keeps 3 fields), without an LR scheduler's patch of ``step`` (a local
+        function, which pickle cannot store) and with an empty buffer (it is remade on the next step)."""
+        state = {name: value for name, value in self.__dict__.items() if name != "step"}
+        state["buffer"] = None if self.buffer is None else {}
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.base_optimizer._wrapped_by_gradreg = True  # a copied base optimizer is wrapped by the copy
 
     def __repr__(self) -> str:
         return (
             f"GR(method={self.method!r}, perturbation={self.perturbation!r}, "
-            f"gamma={self.defaults['gamma']}, eps={self.defaults['eps']}, base={self.base_optimizer!r})"
+            f"gamma={self.defaults[NAMESPACE]['gamma']}, eps={self.defaults[NAMESPACE]['eps']}, "
+            f"base={self.base_optimizer!r})"
         )

@@ -195,7 +195,7 @@ def test_unused_and_linear_parameters_get_their_exact_direction(method):
     gr_step(closure, model, gamma=GAMMA, eps=1e-6, method=method)
     got = {k.removeprefix("net."): v.grad for k, v in model.named_parameters() if k.startswith("net.")}
     assert rel_err(got, expected) <= (1e-10 if method == "double" else 1e-5)
-    assert torch.equal(model.unused.grad, torch.zeros(4, dtype=torch.float64))
+    assert model.unused.grad is None  # as after a plain backward: no gradient, no .grad
     assert torch.allclose(model.shift.grad, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
@@ -294,11 +294,15 @@ def test_add_param_group_checks_before_it_changes_anything():
     model, _, _, _ = make("mlp")
     params = list(model.parameters())
     optimizer = gr.GR(torch.optim.SGD(params[:2], lr=0.1), gamma=GAMMA, eps=EPS)
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
-        optimizer.add_param_group({"params": params[2:], "eps": -1.0})
+    with pytest.raises(ValueError, match=r"eps \(param group 1\) must be a finite number > 0"):
+        optimizer.add_param_group({"params": params[2:], "gradreg": {"eps": -1.0}})
+    with pytest.raises(ValueError, match="which SGD does not use: GR's per-group settings live in the group's"):
+        optimizer.add_param_group({"params": params[2:], "eps": 0.2})  # gradreg 0.2.0's way
+    with pytest.raises(TypeError, match="param_group must be a dict"):
+        optimizer.add_param_group(params[2:])
     assert len(optimizer.param_groups) == 1 and len(optimizer.base_optimizer.param_groups) == 1
-    optimizer.add_param_group({"params": params[2:], "eps": 0.2})
-    assert optimizer.param_groups[1]["eps"] == 0.2 and optimizer.param_groups[1]["gamma"] == GAMMA
+    optimizer.add_param_group({"params": params[2:], "gradreg": {"eps": 0.2}})
+    assert optimizer.param_groups[1]["gradreg"] == {"gamma": GAMMA, "eps": 0.2}
 
 
 def _checkpoint(**changes):
@@ -310,15 +314,18 @@ def _checkpoint(**changes):
         if key in state["gr"]:
             state["gr"][key] = value
         else:
-            state["param_groups"][0][key] = value
+            state["param_groups"][0]["gradreg"][key] = value
     return state
 
 
 @pytest.mark.parametrize(("changes", "match"), [
     (dict(on_nonfinite="ignore"), "on_nonfinite must be one of"),
-    (dict(method="fgr"), "method must be one of"),
-    (dict(perturbation="l2"), "perturbation must be one of"),
-    (dict(adaptive_eta=-1.0), "adaptive_eta must be a finite number >= 0"),
+    (dict(method="fgr"), "the checkpoint was saved by a GR with method='fgr'"),
+    (dict(perturbation="l2"), "the checkpoint was saved by a GR with perturbation='l2'"),
+    (dict(adaptive_eta=-1.0), "the checkpoint was saved by a GR with adaptive_eta=-1.0"),
+    (dict(local_perturbation=True), "the checkpoint was saved by a GR with local_perturbation=True"),
+    (dict(base="Adam"), "the checkpoint is of GR around Adam, this GR wraps SGD"),
+    (dict(format=7), r"state_dict\['gr'\]\['format'\] is 7"),
     (dict(eps=0.0), r"eps \(param group 0\) must be a finite number > 0"),
     (dict(gamma=float("nan")), r"gamma \(param group 0\) must be"),
     (dict(skipped_steps=-2), "skipped_steps must be an integer >= 0"),
@@ -332,14 +339,19 @@ def test_load_state_dict_validates_everything_before_it_changes_anything(changes
     assert_same(optimizer.state_dict(), before)
 
 
-def test_load_state_dict_accepts_per_group_eps():
-    """A forward checkpoint whose groups carry eps loads into a DB-GR built without eps (and switches to it)."""
+def test_load_state_dict_restores_per_group_eps_and_refuses_another_method():
+    """A forward checkpoint's per-group eps is restored; a DB-GR refuses it (it used to switch silently)."""
     state = _checkpoint(eps=0.3)
     model, closure, _, _ = make("mlp")
-    optimizer = gr.GR(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), gamma=GAMMA, method="double")
+    optimizer = gr.GR(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), gamma=GAMMA, eps=EPS)
     optimizer.load_state_dict(state)
-    assert optimizer.param_groups[0]["eps"] == 0.3 and optimizer.method == "forward"
+    assert optimizer.param_groups[0]["gradreg"] == {"gamma": GAMMA, "eps": 0.3} and optimizer.method == "forward"
     optimizer.step(closure)
+    double = gr.GR(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), gamma=GAMMA, method="double")
+    before = copy.deepcopy(double.state_dict())
+    with pytest.raises(ValueError, match=r"method='forward', this GR has method='double'.*GR\(\.\.\., method="):
+        double.load_state_dict(state)
+    assert_same(double.state_dict(), before)
 
 
 # ------------------------------------------------------------------------------------ unchecked arguments
@@ -371,4 +383,4 @@ def test_any_real_number_is_accepted_as_float():
     assert_same(fraction, grads_of(model))
     assert_same(params_of(model), before)
     opt = gr.GR(torch.optim.SGD(model.parameters(), lr=0.1), gamma=fractions.Fraction(1, 10), eps=0.05)
-    assert type(opt.defaults["gamma"]) is float
+    assert type(opt.defaults["gradreg"]["gamma"]) is float

@@ -85,15 +85,15 @@ def test_state_dict_round_trip_resumes_exactly(base, method):
 def test_gamma_and_eps_per_group_survive_state_dict_and_reach_the_engine():
     model = mlp()
     params = list(model.parameters())
-    base = torch.optim.SGD([{"params": params[:2], "gamma": 0.2, "eps": 0.05}, {"params": params[2:]}], lr=0.1)
+    base = torch.optim.SGD([{"params": params[:2], "gradreg": {"gamma": 0.2, "eps": 0.05}}, {"params": params[2:]}],
+                           lr=0.1)
     optimizer = gr.GR(base, gamma=0.01, eps=0.1)
-    assert [g["gamma"] for g in optimizer.param_groups] == [0.2, 0.01]
-    assert [g["eps"] for g in optimizer.param_groups] == [0.05, 0.1]
+    assert [g["gradreg"] for g in optimizer.param_groups] == [{"gamma": 0.2, "eps": 0.05}, {"gamma": 0.01, "eps": 0.1}]
     state = optimizer.state_dict()
-    assert [g["gamma"] for g in state["param_groups"]] == [0.2, 0.01]
+    assert [g["gradreg"]["gamma"] for g in state["param_groups"]] == [0.2, 0.01]
     fresh = gr.GR(torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1), gamma=0.3, eps=0.3)
     fresh.load_state_dict(state)
-    assert [(g["gamma"], g["eps"]) for g in fresh.param_groups] == [(0.2, 0.05), (0.01, 0.1)]
+    assert [g["gradreg"] for g in fresh.param_groups] == [{"gamma": 0.2, "eps": 0.05}, {"gamma": 0.01, "eps": 0.1}]
     assert fresh.param_groups is fresh.base_optimizer.param_groups  # no stale alias after loading
 
 
@@ -150,11 +150,11 @@ def test_add_param_group_goes_to_the_base_with_gr_defaults():
     model = mlp()
     params = list(model.parameters())
     optimizer = gr.GR(torch.optim.SGD(params[:2], lr=0.1), gamma=0.02, eps=0.1)
-    optimizer.add_param_group({"params": params[2:], "gamma": 0.5})
+    optimizer.add_param_group({"params": params[2:], "gradreg": {"gamma": 0.5}})
     assert len(optimizer.base_optimizer.param_groups) == 2
-    assert optimizer.param_groups[1]["gamma"] == 0.5 and optimizer.param_groups[1]["eps"] == 0.1
-    with pytest.raises(ValueError, match="gamma must be a finite number >= 0, got -1.0"):
-        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "gamma": -1.0})
+    assert optimizer.param_groups[1]["gradreg"] == {"gamma": 0.5, "eps": 0.1}
+    with pytest.raises(ValueError, match=r"gamma \(param group 2\) must be a finite number >= 0, got -1.0"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "gradreg": {"gamma": -1.0}})
 
 
 def test_step_without_closure_and_wrong_base_are_refused():
