@@ -167,7 +167,8 @@ class Replay:
         self.rng_before: list[RNGState] = [self.rng_start]  # before each micro-batch of the first pass
         self.rng_after_first: RNGState | None = None
         self.passes = 0
-        self.versions = [p._version for p in self.params]  # an in-place write to θ changes them
+        self.swapped = False  # whether the parameters point at a perturbed point (not θ) now
+        self.theta_written = False  # a closure wrote θ in place (the one change a rollback cannot undo)
         self.saved: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}  # buffers before the step
         self.after_first: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {}  # buffers as pass 1 left them
         self.reset: set[torch.nn.Module] = set()  # modules set back to their pre-step buffers in this pass
@@ -275,25 +276,24 @@ class Replay:
     def _check_versions(self, versions: list[int]) -> None:
         changed = [i for i, (p, v) in enumerate(zip(self.params, versions)) if p._version != v]
         if changed:
+            self.theta_written = not self.swapped  # a perturbed pass wrote the point's buffer, not θ
             raise ClosureError(
                 f"the closure wrote parameter(s) {changed[:5]} in place (e.g. weight.clamp_(), a renorm, an "
                 "optimizer-like update): each pass of a GR step must differentiate the same θ. Move the in-place "
                 "update out of the closure (after optimizer.step())"
             )
 
-    def theta_written(self) -> bool:
-        """Whether a closure wrote θ in place in the first pass (the one change a rollback cannot undo)."""
-        return any(p._version != v for p, v in zip(self.params, self.versions))
-
     def swap_in(self, point: Sequence[Tensor]) -> None:
         """Evaluate the next pass at ``point`` (one tensor per parameter) instead of θ."""
         for p, x in zip(self.params, point):
             p.data = x
+        self.swapped = True
 
     def end_pass(self) -> None:
         """After a pass and its backward: θ back in place, buffers as the first pass left them."""
         for p, data in zip(self.params, self.data):  # p.data is a new object on each access: no identity test
             p.data = data
+        self.swapped = False
         for m in self.reset:  # replay_first: every pass leaves the buffers as they were before the step
             _put_back(self.saved[m] if self.replay_first else self.after_first.get(m, self.saved[m]))
         self.reset.clear()
@@ -323,6 +323,6 @@ class Replay:
         _uninstall(self)
         if exc is not None:
             theta = ("parameters (except the closure's own in-place write to θ, which gradreg cannot undo)"
-                     if self.theta_written() else "parameters")
+                     if self.theta_written else "parameters")
             annotate(exc, f"gradreg: raised {where}; {theta}, .grad, buffers (running statistics) and RNG were "
                           "restored." + hint)

@@ -22,6 +22,7 @@ CASES = [  # (name, method, local, micro-batches per worker)
     ("forward-local", "forward", True, 1), ("sam-local", "sam", True, 1), ("double-local", "double", True, 1),
 ]
 STEPS = 2
+UNDECLARED = ["forward", "central", "sam"]  # GR(..., ddp=) not given: still the single-process step
 
 
 def model() -> nn.Module:
@@ -79,6 +80,20 @@ def _worker(rank: int, store: str, out: str) -> None:
             opt.step(closures if micro > 1 else closures[0])
         results[name] = {"params": [p.detach().clone() for p in ddp.module.parameters()],
                          "all_reduces": (len(hooked) + len(explicit)) / STEPS}
+    for method in UNDECLARED:
+        ddp = nn.parallel.DistributedDataParallel(model())
+        opt = optimizer(ddp.parameters(), method)
+        for _ in range(STEPS):
+            opt.step(lambda net=ddp: loss(net, x, y))
+        results[f"{method}-undeclared"] = {"params": [p.detach().clone() for p in ddp.module.parameters()]}
+    ddp = nn.parallel.DistributedDataParallel(model())
+    before = [p.detach().clone() for p in ddp.module.parameters()]
+    try:
+        optimizer(ddp.parameters(), "double").step(lambda: loss(ddp, x, y))
+        results["double-undeclared"] = None
+    except ValueError as exc:
+        results["double-undeclared"] = {"message": str(exc), "unchanged": all(
+            torch.equal(a, b) for a, b in zip(before, ddp.module.parameters()))}
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
@@ -117,3 +132,9 @@ def test_ddp_steps_equal_the_single_process_mathematics(tmp_path):
         assert error <= 1e-12, (name, error)
         expected = 1 if local else 2  # one bucket: all-reduces per step (SGD needs one)
         assert results[name]["all_reduces"] == expected, (name, results[name]["all_reduces"])
+    for method in UNDECLARED:  # every backward all-reduces: the finite-difference methods stay exact
+        error = max(float((a - b).abs().max()) for a, b in
+                    zip(results[f"{method}-undeclared"]["params"], _single_process(method, False)))
+        assert error <= 1e-12, (method, error)
+    refused = results["double-undeclared"]  # DB-GR's double backward is not synchronised: refused, not wrong
+    assert refused is not None and "ddp=model" in refused["message"] and refused["unchanged"]
