@@ -1,0 +1,248 @@
+"""GR on FSDP2 (``fully_shard``): two CPU processes on gloo, started by the test, against a literal reference.
+
+Every Linear and the root are ``fully_shard``-ed; each rank holds half of the batch. After several steps the
+gathered parameters must equal the single-process step on the concatenated batch, computed here literally
+(torch.func gradients, d = (1 − cΣw) g + c Σ_j w_j ∇L(θ + s_j δ) per group, δ built from θ for each row), for
+every method, perturbation and grouping. One spawned run covers every case (a second covers faults, dropout with
+running statistics, mixed precision and the checkpoint): see ``_worker``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.func import functional_call, grad
+
+import gradreg as gr
+
+WORLD, STEPS, N = 2, 3, 16
+# name: (method, perturbation, gamma, eps, micro-batches, groups: None | ((gamma, eps) of layer 1, of the rest))
+CASES = {
+    "forward": ("forward", "raw", 0.1, 0.05, 1, None),
+    "backward": ("backward", "raw", 0.1, 0.05, 1, None),
+    "central": ("central", "raw", 0.1, 0.05, 1, None),
+    "usam": ("forward", "raw", 0.05, 0.05, 1, None),
+    "sam": ("forward", "normalized", 0.05, 0.05, 1, None),
+    "gnp-gamma<eps": ("forward", "normalized", 0.02, 0.05, 1, None),
+    "gnp-gamma>eps": ("forward", "normalized", 0.2, 0.05, 1, None),
+    "central-normalized": ("central", "normalized", 0.1, 0.05, 1, None),
+    "asam": ("forward", "adaptive", 0.05, 0.05, 1, None),
+    "backward-adaptive": ("backward", "adaptive", 0.1, 0.05, 1, None),
+    "forward-accumulated": ("forward", "raw", 0.1, 0.05, 2, None),
+    "sam-accumulated": ("forward", "normalized", 0.05, 0.05, 2, None),
+    "groups": ("forward", "normalized", 0.05, 0.05, 1, ((0.2, 0.05), (0.05, 0.05))),
+    "groups-gamma0": ("central", "raw", 0.1, 0.05, 1, ((0.0, 0.05), (0.1, 0.05))),
+}
+ETA = 0.01
+
+
+def model(dropout: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    extra = [nn.BatchNorm1d(16), nn.Dropout(0.2)] if dropout else []
+    return nn.Sequential(nn.Linear(6, 16), *extra, nn.Tanh(), nn.Linear(16, 16), nn.Softplus(),
+                         nn.Linear(16, 3)).double()
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(N, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (N,), generator=g)
+
+
+def shard(net: nn.Module, **kwargs) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, **kwargs)
+    return fully_shard(net, **kwargs)
+
+
+def make_gr(net: nn.Module, case: str) -> gr.GR:
+    method, perturbation, gamma, eps, _, groups = CASES[case]
+    params = list(net.parameters())
+    spec = [{"params": params}] if groups is None else [
+        {"params": params[:2], "gamma": groups[0][0], "eps": groups[0][1]},
+        {"params": params[2:], "gamma": groups[1][0], "eps": groups[1][1]}]
+    base = torch.optim.SGD(spec, lr=0.1, momentum=0.9)
+    return gr.GR(base, gamma=gamma, eps=eps, method=method, perturbation=perturbation, adaptive_eta=ETA)
+
+
+def closures(net: nn.Module, x: torch.Tensor, y: torch.Tensor, micro: int) -> list:
+    n = len(x) // micro
+    return [lambda xs=x[i * n:(i + 1) * n], ys=y[i * n:(i + 1) * n]:
+            nn.functional.cross_entropy(net(xs), ys) / micro for i in range(micro)]
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+def _direction(loss, params: dict, case: str) -> dict:
+    """The literal GR direction at ``params`` of ``loss`` (a function of a parameter dict)."""
+    method, perturbation, gamma, eps, _, groups = CASES[case]
+    names = list(params)
+    hyper = {k: ((gamma, eps) if groups is None else groups[0] if i < 2 else groups[1]) for i, k in enumerate(names)}
+    g = grad(loss)(params)
+    if perturbation == "raw":
+        delta = {k: hyper[k][1] * g[k] for k in names}
+    else:
+        t = {k: (params[k].abs() + ETA if perturbation == "adaptive" and params[k].ndim >= 2 else
+                 torch.ones_like(params[k])) for k in names}
+        norm = math.sqrt(sum(float((t[k] * g[k]).square().sum()) for k in names)) + 1e-12
+        delta = {k: hyper[k][1] * t[k] ** 2 * g[k] / norm for k in names}
+    stencil = gr.methods.STENCILS[method]
+    d = {k: (1 - hyper[k][0] / hyper[k][1] * sum(w for _, w in stencil)) * g[k] for k in names}
+    for s, w in stencil:
+        gs = grad(loss)({k: params[k] + s * delta[k] for k in names})
+        for k in names:
+            d[k] = d[k] + hyper[k][0] / hyper[k][1] * w * gs[k]
+    return d
+
+
+def reference(case: str, steps: int = STEPS, dropout: bool = False) -> list[torch.Tensor]:
+    """The single-process steps on the concatenated batch (with dropout: each half with its rank's seed)."""
+    net = model(dropout)
+    params = dict(net.named_parameters())
+    opt = torch.optim.SGD(params.values(), lr=0.1, momentum=0.9)
+    x, y = data()
+    half, micro = N // WORLD, CASES[case][4]
+    for step in range(steps):
+        def loss(p, step=step):
+            total = 0.0
+            for r in range(WORLD):
+                if dropout:
+                    torch.manual_seed(seed_of(step, r))
+                xs, ys = x[r * half:(r + 1) * half], y[r * half:(r + 1) * half]
+                n = half // micro
+                total = total + sum(nn.functional.cross_entropy(functional_call(net, p, (xs[i * n:(i + 1) * n],)),
+                                                                ys[i * n:(i + 1) * n]) / micro
+                                    for i in range(micro)) / WORLD
+            return total
+
+        d = _direction(loss, {k: v.detach() for k, v in params.items()}, case)
+        for k, p in params.items():
+            p.grad = d[k]
+        opt.step()
+    return [p.detach() for p in net.parameters()]
+
+
+def seed_of(step: int, rank: int) -> int:
+    return 100 + 10 * step + rank
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+class Counter:
+    """FSDP's all-gathers and reduce-scatters and every all-reduce (gradreg's norms and flags), per call."""
+
+    NAMES = ("all_gather_single", "reduce_scatter_single", "all_reduce")
+
+    def __init__(self):
+        self.counts = dict.fromkeys(self.NAMES, 0)
+        for name in self.NAMES:
+            plain = getattr(dist, name)
+
+            def counted(*args, plain=plain, name=name, **kwargs):
+                self.counts[name] += 1
+                return plain(*args, **kwargs)
+
+            setattr(dist, name, counted)
+
+    def take(self) -> dict[str, int]:
+        out, self.counts = self.counts, dict.fromkeys(self.NAMES, 0)
+        return out
+
+
+def _init(rank: int, store: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    x, y = data()
+    half = N // WORLD
+    return x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _methods_worker(rank: int, store: str, out: str) -> None:
+    x, y = _init(rank, store)
+    counter = Counter()
+    results = {}
+    for case in [*CASES, "sgd"]:
+        net = shard(model())
+        opt = make_gr(net, "forward" if case == "sgd" else case)
+        counter.take()
+        for _ in range(STEPS):
+            if case == "sgd":  # plain FSDP2 SGD, for the communication and memory comparison
+                opt.zero_grad()
+                nn.functional.cross_entropy(net(x), y).backward()
+                opt.base_optimizer.step()
+            else:
+                opt.step(closures(net, x, y, CASES[case][4]))
+        params = list(net.parameters())
+        results[case] = {
+            "params": [p.full_tensor() for p in params],
+            "comms": {k: v / STEPS for k, v in counter.take().items()},
+            "buffer_bytes": _nbytes(b.to_local() for b in opt.buffer.values()),
+            "shard_bytes": _nbytes(p.to_local() for p in params),
+            "full_bytes": _nbytes(params),
+            "state_bytes": _nbytes(t.to_local() for s in opt.state.values() for t in s.values()
+                                   if isinstance(t, torch.Tensor)),
+        }
+    per_rank = [None] * WORLD
+    dist.all_gather_object(per_rank, {k: {n: v for n, v in r.items() if n != "params"} for k, r in results.items()})
+    if rank == 0:
+        torch.save({"cases": results, "per_rank": per_rank}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def methods(tmp_path_factory) -> dict:
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    tmp = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_methods_worker, args=(str(tmp / "store"), str(tmp / "out.pt")), nprocs=WORLD, join=True)
+    return torch.load(tmp / "out.pt")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fsdp_steps_equal_the_single_process_step(methods, case):
+    result = methods["cases"][case]
+    error = max(float((a - b).abs().max()) for a, b in zip(result["params"], reference(case)))
+    comms = ", ".join(f"{v:g} {k}" for k, v in result["comms"].items())
+    print(f"{case}: max |θ_fsdp − θ_single| = {error:.1e} after {STEPS} steps; per step {comms}")
+    assert error <= 1e-10, (case, error)
+
+
+def test_fsdp_keeps_one_shard_sized_buffer_per_rank(methods):
+    for rank, cases in enumerate(methods["per_rank"]):
+        for case, r in cases.items():
+            if case == "sgd":
+                assert r["buffer_bytes"] == 0
+                continue
+            print(f"rank {rank} {case}: kept buffer {r['buffer_bytes']} B, local shards {r['shard_bytes']} B, "
+                  f"full parameters {r['full_bytes']} B")
+            assert r["buffer_bytes"] == r["shard_bytes"] < r["full_bytes"], (rank, case, r)
+    assert sum(methods["per_rank"][r]["forward"]["shard_bytes"] for r in range(WORLD)) == \
+        methods["per_rank"][0]["forward"]["full_bytes"]
+
+
+def test_fsdp_communication_per_step(methods):
+    """F-GR: twice plain SGD's all-gathers and reduce-scatters, plus one all-reduce (the ranks' fault flags);
+    normalized and adaptive steps one more (the norm)."""
+    cases = methods["cases"]
+    sgd = cases["sgd"]["comms"]
+    print("plain FSDP2 SGD per step:", sgd)
+    for case, (method, perturbation, _, _, micro, _) in CASES.items():
+        passes = 1 + len(gr.methods.STENCILS[method])
+        comms = cases[case]["comms"]
+        assert comms["all_gather_single"] == passes * micro * sgd["all_gather_single"], (case, comms)
+        assert comms["reduce_scatter_single"] == passes * micro * sgd["reduce_scatter_single"], (case, comms)
+        assert comms["all_reduce"] == 1 + (perturbation != "raw"), (case, comms)
