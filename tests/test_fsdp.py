@@ -112,6 +112,7 @@ def reference(case: str, steps: int = STEPS, dropout: bool = False) -> list[torc
     half, micro = N // WORLD, CASES[case][4]
     for step in range(steps):
         def loss(p, step=step):
+            p = {**p, **{k: b.clone() for k, b in net.named_buffers()}}  # BatchNorm's, written by each call
             total = 0.0
             for r in range(WORLD):
                 if dropout:
@@ -246,3 +247,232 @@ def test_fsdp_communication_per_step(methods):
         assert comms["all_gather_single"] == passes * micro * sgd["all_gather_single"], (case, comms)
         assert comms["reduce_scatter_single"] == passes * micro * sgd["reduce_scatter_single"], (case, comms)
         assert comms["all_reduce"] == 1 + (perturbation != "raw"), (case, comms)
+
+
+# ------------------------------------------------------------------------------------------------ guarantees
+
+
+def _snapshot(net: nn.Module, opt: gr.GR) -> list[torch.Tensor]:
+    """This rank's shards, sharded .grad, optimizer state and buffers, copied."""
+    tensors = [p.to_local() for p in net.parameters()] + [p.grad.to_local() for p in net.parameters()]
+    tensors += [t.to_local() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return [t.detach().clone() for t in tensors + list(net.buffers())]
+
+
+def _bit_exact(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def _faults(rank: int, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """One good step, then three failing ones (inf loss on rank 1 only, NaN gradient on rank 1 only, an exception
+    on both ranks), each undone bit for bit on every rank; then a good step: equal to two good steps."""
+    net = shard(model())
+    opt = make_gr(net, "sam")
+    loss = closures(net, x, y, 1)[0]
+    opt.step(loss)
+    calls, out = [0], {}
+
+    def failing(kind: str):
+        def closure():
+            calls[0] += 1
+            output = net(x)
+            value = nn.functional.cross_entropy(output, y)
+            if calls[0] == 2 and kind == "inf-loss" and rank == 1:
+                return value + float("inf")  # the loss only: the gradient stays finite
+            if calls[0] == 2 and kind == "nan-grad" and rank == 1:
+                return value + (output.sum() * 0).sqrt()  # finite loss, NaN gradient
+            if calls[0] == 2 and kind == "raise":
+                raise RuntimeError("the closure failed")
+            return value
+        return closure
+
+    for kind in ("inf-loss", "nan-grad", "raise"):
+        before, calls[0] = _snapshot(net, opt), 0
+        try:
+            opt.step(failing(kind))
+            out[kind] = "no error"
+        except (gr.NonFiniteError, RuntimeError) as exc:
+            out[kind] = (type(exc).__name__, getattr(exc, "pass_index", None), str(exc),
+                         "".join(getattr(exc, "__notes__", [])), _bit_exact(before, _snapshot(net, opt)))
+    opt.step(loss)
+    out["after"] = [p.full_tensor() for p in net.parameters()]
+    return out
+
+
+def _refusals() -> dict:
+    out = {}
+    for name, build in {"double": lambda net: gr.GR(torch.optim.SGD(net.parameters(), lr=0.1), gamma=0.1,
+                                                       method="double"),
+                        "partly-sharded": lambda net: make_gr(net, "forward")}.items():
+        net = model()
+        if name == "partly-sharded":
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(net[0])  # the other layers stay plain tensors
+        else:
+            shard(net)
+        before = [p.detach().clone() for p in net.parameters()]
+        try:
+            build(net).step(lambda net=net: net(data()[0]).sum())
+            out[name] = "no error"
+        except NotImplementedError as exc:
+            same = all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+            out[name] = (str(exc), same, all(p.grad is None for p in net.parameters()))
+    net = shard(model())
+    try:
+        gr.engine.gr_direction(lambda: net(data()[0]).sum(), [gr.engine.ParamGroup(list(net.parameters()), 0.1,
+                                                                                     0.05)],
+                               local_perturbation=True)
+        out["local"] = "no error"
+    except NotImplementedError as exc:
+        out["local"] = (str(exc), True, all(p.grad is None for p in net.parameters()))
+    return out
+
+
+def _dropout_and_statistics(rank: int, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Dropout and BatchNorm: each rank's masks replayed in every pass, running statistics updated once."""
+    plain = model(dropout=True)
+    torch.manual_seed(seed_of(0, rank))
+    plain(x)  # one plain forward on this rank's batch: the running statistics a step must leave
+    net = shard(model(dropout=True))
+    opt = make_gr(net, "forward")
+    stats = None
+    for step in range(STEPS):
+        torch.manual_seed(seed_of(step, rank))
+        opt.step(closures(net, x, y, 1))
+        if step == 0:
+            stats = max(float((a - b).abs().max()) for a, b in zip(net[1].buffers(), plain[1].buffers())
+                        if a.is_floating_point())
+    return {"params": [p.full_tensor() for p in net.parameters()], "stats": stats}
+
+
+def _precision(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """FSDP2's MixedPrecisionPolicy (float32 compute on float64 shards) and a GradScaler."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    out = {}
+    net = shard(model(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float64))
+    opt = make_gr(net, "sam")
+    for _ in range(STEPS):
+        opt.step(lambda: nn.functional.cross_entropy(net(x.float()).double(), y))
+    out["mixed"] = [p.full_tensor() for p in net.parameters()]
+    out["dtypes"] = {str(p.dtype) for p in net.parameters()}
+    net = shard(model())
+    opt = make_gr(net, "forward")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for _ in range(STEPS):
+        opt.step(closures(net, x, y, 1)[0], scaler=scaler)
+        scaler.update()
+    out["scaler"] = [p.full_tensor() for p in net.parameters()]
+    calls, before, scale = [0], _snapshot(net, opt), scaler.get_scale()
+
+    def overflowing():  # an overflow in pass 2 on rank 1 only: every rank skips, the scaler backs off
+        calls[0] += 1
+        value = nn.functional.cross_entropy(net(x), y)
+        return value * 1e308 * 1e308 if calls[0] == 2 and dist.get_rank() == 1 else value
+
+    out["overflow_loss"] = opt.step(overflowing, scaler=scaler)
+    scaler.update()
+    out["overflow"] = (_bit_exact(before[:6], _snapshot(net, opt)[:6]), scaler.get_scale() / scale)
+    return out
+
+
+def _checkpoint(x: torch.Tensor, y: torch.Tensor, where: str) -> dict:
+    """Two steps, torch.distributed.checkpoint save, a fresh model and optimizer load it, one more step: bit-equal
+    to three uninterrupted steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def run(steps: int, load: bool = False, save: bool = False):
+        net = shard(model())
+        opt = make_gr(net, "sam")
+        if load:
+            model_state, optim_state = get_state_dict(net, opt.base_optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            dcp.load(state, checkpoint_id=where)
+            set_state_dict(net, opt.base_optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+        for _ in range(steps):
+            opt.step(closures(net, x, y, 1)[0])
+        if save:
+            model_state, optim_state = get_state_dict(net, opt.base_optimizer)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=where)
+        return [p.full_tensor() for p in net.parameters()]
+
+    straight = run(3)
+    run(2, save=True)
+    resumed = run(1, load=True)
+    return {"equal": all(torch.equal(a, b) for a, b in zip(straight, resumed))}
+
+
+def _guarantees_worker(rank: int, store: str, out: str, where: str) -> None:
+    x, y = _init(rank, store)
+    results = {"faults": _faults(rank, x, y), "refusals": _refusals(),
+               "dropout": _dropout_and_statistics(rank, x, y), "precision": _precision(x, y),
+               "checkpoint": _checkpoint(x, y, where)}
+    per_rank = [None] * WORLD
+    dist.all_gather_object(per_rank, results)
+    if rank == 0:
+        torch.save(per_rank, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def guarantees(tmp_path_factory) -> list[dict]:
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    tmp = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_guarantees_worker, args=(str(tmp / "store"), str(tmp / "out.pt"), str(tmp / "checkpoint")),
+             nprocs=WORLD, join=True)
+    return torch.load(tmp / "out.pt")
+
+
+def test_fsdp_faults_are_undone_on_every_rank_and_name_the_pass(guarantees):
+    for rank, result in enumerate(guarantees):
+        faults = result["faults"]
+        for kind, what in (("inf-loss", "non-finite loss in pass 2"), ("nan-grad", "non-finite gradient in pass 2")):
+            name, index, message, _, exact = faults[kind]
+            print(f"rank {rank} {kind}: {message}")
+            assert (name, index, exact) == ("NonFiniteError", 2, True), (rank, kind, faults[kind])
+            assert what in message
+        name, _, message, note, exact = faults["raise"]
+        assert (name, message, exact) == ("RuntimeError", "the closure failed", True), faults["raise"]
+        assert "raised in pass 2 (gradient at θ + δ)" in note, note
+    error = max(float((a - b).abs().max()) for a, b in zip(guarantees[0]["faults"]["after"], reference("sam", 2)))
+    assert error <= 1e-10, error  # after three undone steps, the next step is the second good one
+
+
+def test_fsdp_refuses_what_it_cannot_do_before_anything_changes(guarantees):
+    expected = {"double": "carry no graph", "partly-sharded": "plain tensors beside DTensors",
+                "local": "full copy of the parameters"}
+    for result in guarantees:
+        for name, phrase in expected.items():
+            message, unchanged, no_grad = result["refusals"][name]
+            assert phrase in message and unchanged and no_grad, (name, result["refusals"][name])
+
+
+def test_fsdp_replays_dropout_and_updates_running_statistics_once(guarantees):
+    error = max(float((a - b).abs().max()) for a, b in zip(guarantees[0]["dropout"]["params"],
+                                                           reference("forward", dropout=True)))
+    print(f"dropout + BatchNorm: max |θ_fsdp − θ_single| = {error:.1e}")
+    assert error <= 1e-10, error
+    for result in guarantees:
+        assert result["dropout"]["stats"] <= 1e-14, result["dropout"]["stats"]
+
+
+def test_fsdp_mixed_precision_and_grad_scaler(guarantees):
+    precision = guarantees[0]["precision"]
+    mixed = max(float((a - b).abs().max()) for a, b in zip(precision["mixed"], reference("sam")))
+    scaled = max(float((a - b).abs().max()) for a, b in zip(precision["scaler"], reference("forward")))
+    print(f"MixedPrecisionPolicy(float32 compute, float64 shards): max difference {mixed:.1e}; "
+          f"GradScaler: {scaled:.1e}")
+    assert precision["dtypes"] == {"torch.float64"}
+    assert 0 < mixed <= 1e-5, mixed  # float32 round-off, and nothing more
+    assert scaled <= 1e-10, scaled
+    for result in guarantees:
+        assert result["precision"]["overflow_loss"] is None
+        assert result["precision"]["overflow"] == (True, 0.5), result["precision"]["overflow"]
+
+
+def test_fsdp_checkpoint_resumes_exactly(guarantees):
+    assert all(result["checkpoint"]["equal"] for result in guarantees)
