@@ -476,3 +476,31 @@ def test_fsdp_mixed_precision_and_grad_scaler(guarantees):
 
 def test_fsdp_checkpoint_resumes_exactly(guarantees):
     assert all(result["checkpoint"]["equal"] for result in guarantees)
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["forward", "sam"])
+def test_the_fsdp_example_runs_under_torchrun(method):
+    import os
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(root / "examples" / "fsdp.py"), "--steps", "3", "--method", method]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    print(out)
+    assert f"world 2, method {method}, 3 steps" in out
+    error = float(re.search(r"max \|θ_fsdp − θ_single-process\| = (\S+)", out).group(1))
+    assert error <= 1e-5, error  # float32: round-off only (the exact float64 checks are above)
+    for shards, kept, full in re.findall(r"shards (\d+) B, GR's kept buffer (\d+) B, full parameters (\d+) B", out):
+        assert int(kept) == int(shards) < int(full)
+    assert "GR 12 all_gather, 6 reduce_scatter, " in out and "plain FSDP2 SGD 6 all_gather, 3 reduce_scatter" in out
