@@ -171,6 +171,9 @@ def _stencil(groups: list[ParamGroup], replay: ShardedReplay, perturbation: str,
     shared = len(set(c)) == 1 and len(active) == len(groups)
     seed = weight_g[0] if shared and weight_g[0] != 0.0 else 1.0  # pass 1 writes (1 − cΣw)·g into .grad
     losses = [replay.run_pass(params, seed)]
+    if all(p.grad is None for p in params):
+        raise RuntimeError("FSDP2 reduce-scattered no gradient into the sharded parameters (was "
+                           "set_requires_gradient_sync(False) called?): GR needs every pass's gradient reduced")
     grads = _locals(_grads(params))
     g_flags = [torch.stack([g.isfinite().all() for g in grads]).all()]
     if not active:

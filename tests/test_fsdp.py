@@ -318,6 +318,15 @@ def _refusals() -> dict:
             same = all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
             out[name] = (str(exc), same, all(p.grad is None for p in net.parameters()))
     net = shard(model())
+    net.set_requires_gradient_sync(False)  # FSDP keeps unsharded gradients: nothing GR could perturb with
+    before = [p.to_local().clone() for p in net.parameters()]
+    try:
+        make_gr(net, "forward").step(lambda: net(data()[0]).sum())
+        out["no-sync"] = "no error"
+    except RuntimeError as exc:
+        same = all(torch.equal(a, p.to_local()) for a, p in zip(before, net.parameters()))
+        out["no-sync"] = (str(exc), same, all(p.grad is None for p in net.parameters()))
+    net = shard(model())
     try:
         gr.engine.gr_direction(lambda: net(data()[0]).sum(), [gr.engine.ParamGroup(list(net.parameters()), 0.1,
                                                                                      0.05)],
@@ -444,7 +453,7 @@ def test_fsdp_faults_are_undone_on_every_rank_and_name_the_pass(guarantees):
 
 def test_fsdp_refuses_what_it_cannot_do_before_anything_changes(guarantees):
     expected = {"double": "carry no graph", "partly-sharded": "plain tensors beside DTensors",
-                "local": "full copy of the parameters"}
+                "local": "full copy of the parameters", "no-sync": "set_requires_gradient_sync(False)"}
     for result in guarantees:
         for name, phrase in expected.items():
             message, unchanged, no_grad = result["refusals"][name]
