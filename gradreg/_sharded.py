@@ -107,7 +107,7 @@ class ShardedReplay(Replay):
 
 def _sum_squares(tensors: list[Tensor]) -> Tensor:
     if not tensors:
-        return torch.zeros((), dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64)  # moved to the gradients' device by _global_norm
     return torch.stack([n.double().square() for n in torch._foreach_norm(tensors)]).sum()
 
 
@@ -138,7 +138,8 @@ def perturb(shards: list[Tensor], params: list[Tensor], groups: list[ParamGroup]
             for shard, grad, e in zip(shards, grads, eps):
                 shard.addcdiv_(grad, norm, value=sign * direction_sign * e)
             return
-        squares = torch.zeros((), dtype=torch.float64)  # adaptive: ‖T g‖, one parameter's T at a time
+        # adaptive: ‖T g‖, one parameter's T at a time
+        squares = torch.zeros((), dtype=torch.float64, device=grads[0].device)
         for shard, p, grad in zip(shards, params, grads):
             t = _adaptive_scale(shard, p.ndim, eta)
             squares = squares + _sum_squares([grad if t is None else t * grad])
@@ -212,7 +213,7 @@ def _agree(method: str, losses: list[Tensor], grads: list[Tensor], g_flags: list
     from gradreg.engine import NonFiniteError, pass_name
 
     d_ok = torch.stack([g.isfinite().all() for g in _locals(grads)]).all()
-    flags = torch.stack([*(loss.detach().isfinite() for loss in losses), *g_flags, d_ok]).to(torch.int32).cpu()
+    flags = torch.stack([*(loss.detach().isfinite() for loss in losses), *g_flags, d_ok]).to(d_ok.device, torch.int32)
     dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
     ok = [bool(f) for f in flags]
     if all(ok):
