@@ -34,7 +34,7 @@ from torch import Tensor
 from gradreg._checks import ParamGroup
 from gradreg._perturb import NORM_FLOOR, kept
 from gradreg.methods import STENCILS
-from gradreg.replay import Replay, _put_back
+from gradreg.replay import Replay
 
 
 def is_sharded(groups: Sequence[ParamGroup]) -> bool:
@@ -95,14 +95,12 @@ class ShardedReplay(Replay):
 
     def end_pass(self, theta: bool = True) -> None:
         """Running statistics as the first pass left them; with ``theta``, θ back into the shards (if they hold a
-        perturbed point)."""
+        perturbed point). Replay's ``p.data = θ`` is harmless here: θ's data is the shards' own storage."""
         if theta and self.kept_theta:
             with torch.no_grad():
                 torch._foreach_copy_([s for s, _ in self.kept_theta], [c for _, c in self.kept_theta])
             self.kept_theta = []
-        for pairs in self.frozen.values():
-            _put_back(pairs)
-        self.frozen.clear()
+        super().end_pass()
 
 
 def _sum_squares(tensors: list[Tensor]) -> Tensor:
@@ -150,12 +148,12 @@ def perturb(shards: list[Tensor], params: list[Tensor], groups: list[ParamGroup]
             shard.addcdiv_(step, norm, value=sign * direction_sign * e)
 
 
-def _grads(params: list[Tensor]) -> list[Tensor]:
-    """The sharded ``.grad`` of each parameter (zeros where no gradient reached it)."""
-    for p in params:
-        if p.grad is None:
+def _grads(params: list[Tensor], had_grad: Sequence[bool]) -> None:
+    """Zeros where a pass gave a gradient but the last one left ``.grad`` None; a parameter no pass reached keeps
+    ``.grad = None``, as after a plain backward (the base optimizer skips it)."""
+    for p, had in zip(params, had_grad):
+        if p.grad is None and had:
             p.grad = torch.zeros_like(p)
-    return [p.grad for p in params]
 
 
 def _locals(tensors: list[Tensor]) -> list[Tensor]:
@@ -175,12 +173,15 @@ def _stencil(groups: list[ParamGroup], replay: ShardedReplay, perturbation: str,
     if all(p.grad is None for p in params):
         raise RuntimeError("FSDP2 reduce-scattered no gradient into the sharded parameters (was "
                            "set_requires_gradient_sync(False) called?): GR needs every pass's gradient reduced")
-    grads = _locals(_grads(params))
+    had_grad = [p.grad is not None for p in params]
+    with torch.no_grad():  # δ = 0 where no gradient reached a parameter
+        grads = [torch.zeros_like(p.to_local()) if p.grad is None else p.grad.to_local() for p in params]
     g_flags = [torch.stack([g.isfinite().all() for g in grads]).all()]
     if not active:
         return losses, g_flags
     shards = replay.keep_theta(buffer)
     perturb(shards, params, groups, grads, stencil[0][0], perturbation, eta, replay.loss_scale * seed, group)
+    del grads  # F-GR with γ = ε frees g below
     idle = [p for g in groups if g.gamma == 0 for p in g.params]
     at_theta = [p.grad for p in idle]  # γ = 0: d = g, kept out of the perturbed passes (FSDP would add to it)
     for p in idle:
@@ -190,7 +191,7 @@ def _stencil(groups: list[ParamGroup], replay: ShardedReplay, perturbation: str,
             p.grad = None
     elif not shared:  # .grad ← (a_k/c_k)·g per group; the perturbed passes add w_j ∇L_j; then ×c_k
         for g, c_k, a_k in zip(active, c, weight_g):
-            torch._foreach_mul_(_locals([p.grad for p in g.params]), a_k / c_k)
+            torch._foreach_mul_(_locals([p.grad for p in g.params if p.grad is not None]), a_k / c_k)
     for j, (sign, weight) in enumerate(stencil):
         if j:  # θ + s_j δ from θ + s_0 δ, through θ (central: the reflection θ − δ)
             with torch.no_grad():
@@ -199,10 +200,10 @@ def _stencil(groups: list[ParamGroup], replay: ShardedReplay, perturbation: str,
         replay.end_pass(theta=j == len(stencil) - 1)  # θ back in the shards after the last pass
     if not shared:
         for g, c_k in zip(active, c):
-            torch._foreach_mul_(_locals([p.grad for p in g.params]), c_k)
+            torch._foreach_mul_(_locals([p.grad for p in g.params if p.grad is not None]), c_k)
         for p, grad in zip(idle, at_theta):
             p.grad = grad
-    _grads(params)
+    _grads(params, had_grad)
     return losses, g_flags
 
 
@@ -212,7 +213,7 @@ def _agree(method: str, losses: list[Tensor], grads: list[Tensor], g_flags: list
     first failing pass on every rank if any rank saw a non-finite value."""
     from gradreg.engine import NonFiniteError, pass_name
 
-    d_ok = torch.stack([g.isfinite().all() for g in _locals(grads)]).all()
+    d_ok = torch.stack([g_flags[0].new_ones(()), *(g.isfinite().all() for g in _locals(grads))]).all()
     flags = torch.stack([*(loss.detach().isfinite() for loss in losses), *g_flags, d_ok]).to(d_ok.device, torch.int32)
     dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
     ok = [bool(f) for f in flags]
@@ -246,7 +247,7 @@ def sharded_direction(closures: list[Callable[[], Tensor]], groups: list[ParamGr
     try:
         losses, g_flags = _stencil(groups, replay, perturbation, eta, method, {} if buffer is None else buffer,
                                    group)
-        _agree(method, losses, [p.grad for p in params], g_flags, group)
+        _agree(method, losses, [p.grad for p in params if p.grad is not None], g_flags, group)
     except NonFiniteError:
         replay.rollback()
         raise
