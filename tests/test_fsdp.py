@@ -413,9 +413,22 @@ def _checkpoint(x: torch.Tensor, y: torch.Tensor, where: str) -> dict:
     return {"equal": all(torch.equal(a, b) for a, b in zip(straight, resumed))}
 
 
+def _unused(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """A parameter the loss never uses: ``.grad`` None after GR's step, as after FSDP2's plain backward."""
+    def build():
+        net = model()
+        net.register_parameter("unused", nn.Parameter(torch.ones(5, dtype=torch.float64)))
+        return shard(net)
+
+    plain, net = build(), build()
+    nn.functional.cross_entropy(plain(x), y).backward()
+    make_gr(net, "sam").step(closures(net, x, y, 1)[0])
+    return {"plain": [p.grad is None for p in plain.parameters()], "gr": [p.grad is None for p in net.parameters()]}
+
+
 def _guarantees_worker(rank: int, store: str, out: str, where: str) -> None:
     x, y = _init(rank, store)
-    results = {"faults": _faults(rank, x, y), "refusals": _refusals(),
+    results = {"faults": _faults(rank, x, y), "refusals": _refusals(), "unused": _unused(x, y),
                "dropout": _dropout_and_statistics(rank, x, y), "precision": _precision(x, y),
                "checkpoint": _checkpoint(x, y, where)}
     per_rank = [None] * WORLD
@@ -513,3 +526,8 @@ def test_the_fsdp_example_runs_under_torchrun(method):
     for shards, kept, full in re.findall(r"shards (\d+) B, GR's kept buffer (\d+) B, full parameters (\d+) B", out):
         assert int(kept) == int(shards) < int(full)
     assert "GR 12 all_gather, 6 reduce_scatter, " in out and "plain FSDP2 SGD 6 all_gather, 3 reduce_scatter" in out
+
+
+def test_fsdp_leaves_grad_none_where_no_pass_gives_one(guarantees):
+    for result in guarantees:
+        assert result["unused"]["gr"] == result["unused"]["plain"] and any(result["unused"]["gr"]), result["unused"]
