@@ -20,7 +20,9 @@ Refused, with the reason, before anything changes: ``method="double"`` (FSDP2 re
 autograd, so they carry no graph, and ``torch.autograd.grad`` on the sharded parameters returns None), local
 perturbation (every rank all-gathers the same shards: a perturbation of its own would need a full copy of the
 parameters on each rank), parameters that are not all sharded by ``fully_shard`` on one 1-D mesh (HSDP, tensor
-parallelism, plain tensors beside DTensors).
+parallelism, plain tensors beside DTensors), and FSDP2 without gradient sync (``set_requires_gradient_sync(False)``,
+seen after the first pass). Not detectable from the parameters, so documented instead: with
+``set_reshard_after_backward(False)`` the next forward reuses the unsharded layers and never sees θ + δ.
 """
 
 from __future__ import annotations
