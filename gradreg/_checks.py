@@ -103,12 +103,6 @@ def checked_groups(groups: Sequence[ParamGroup], method: str, perturbation: str,
         where = f" (param group {i})" * (len(groups) > 1)
         gamma, eps = check_config(group.gamma, group.eps, method, perturbation, eta, where=where)
         params = [p for p in as_params(group.params, f"params{where}") if p.requires_grad]
-        if any(type(p).__name__ == "DTensor" for p in params):
-            raise NotImplementedError(
-                f"params{where}: sharded parameters (DTensor: FSDP's fully_shard, tensor parallelism) are not "
-                "supported: the forward pass uses gathered copies of them, so gradreg would see no gradient. "
-                "Use DistributedDataParallel: GR(..., ddp=model)"
-            )
         for p in params:
             if id(p) in seen:
                 raise ValueError(f"params{where}: a parameter appears twice; list every parameter once, in one group")

@@ -37,6 +37,7 @@ from torch.autograd.profiler import record_function
 
 from gradreg._checks import ParamGroup, as_params, checked_groups
 from gradreg._perturb import kept, perturbed_point
+from gradreg._sharded import is_sharded, sharded_direction  # issue 25: FSDP2
 from gradreg.methods import METHODS, PERTURBATIONS, STENCILS
 from gradreg.replay import Replay
 
@@ -271,6 +272,9 @@ def gr_direction(closure: Callable[[], Tensor] | Sequence[Callable[[], Tensor]],
     each worker with its own gradient instead of the all-reduced one.
     """
     groups = checked_groups(groups, method, perturbation, adaptive_eta)
+    if is_sharded(groups):  # issue 25: FSDP2 (fully_shard) parameters, perturbed in their local shards
+        return sharded_direction(_closures(closure), groups, method=method, perturbation=perturbation,
+                                 eta=adaptive_eta, buffer=buffer, loss_scale=loss_scale, local=local_perturbation)
     replay = Replay([p for group in groups for p in group.params], closures=_closures(closure),
                     loss_scale=loss_scale, ddp=ddp)
     try:
