@@ -66,8 +66,8 @@ def make_gr(net: nn.Module, case: str) -> gr.GR:
     method, perturbation, gamma, eps, _, groups = CASES[case]
     params = list(net.parameters())
     spec = [{"params": params}] if groups is None else [
-        {"params": params[:2], "gamma": groups[0][0], "eps": groups[0][1]},
-        {"params": params[2:], "gamma": groups[1][0], "eps": groups[1][1]}]
+        {"params": params[:2], "gradreg": {"gamma": groups[0][0], "eps": groups[0][1]}},
+        {"params": params[2:], "gradreg": {"gamma": groups[1][0], "eps": groups[1][1]}}]
     base = torch.optim.SGD(spec, lr=0.1, momentum=0.9)
     return gr.GR(base, gamma=gamma, eps=eps, method=method, perturbation=perturbation, adaptive_eta=ETA)
 
