@@ -86,6 +86,19 @@ class ShardedReplay(Replay):
             total = loss.detach() if total is None else total + loss.detach()
         return total
 
+    def _pre_hook(self, module: torch.nn.Module, args: object) -> None:
+        """Also refuse, before it runs, an FSDP module that keeps its layers unsharded after backward: its next
+        forward would reuse them and never gather the perturbed shards."""
+        state = getattr(module, "_get_fsdp_state", None)
+        group = getattr(state(), "_fsdp_param_group", None) if state is not None else None
+        if group is not None and not group.reshard_after_backward:
+            raise RuntimeError(
+                f"{type(module).__name__} was set to set_reshard_after_backward(False): its next forward reuses the "
+                "unsharded parameters, so the perturbed point written into the shards would never be seen. Call "
+                "model.set_reshard_after_backward(True) for GR steps"
+            )
+        super()._pre_hook(module, args)
+
     def keep_theta(self, buffer: dict[Tensor, Tensor]) -> list[Tensor]:
         """Copy θ's local shards into ``buffer`` (shard-sized); return the shards, now free to be written."""
         with torch.no_grad():

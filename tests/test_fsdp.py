@@ -327,6 +327,15 @@ def _refusals() -> dict:
         same = all(torch.equal(a, p.to_local()) for a, p in zip(before, net.parameters()))
         out["no-sync"] = (str(exc), same, all(p.grad is None for p in net.parameters()))
     net = shard(model())
+    net.set_reshard_after_backward(False)  # the next forward would reuse the unsharded layers
+    before = [p.to_local().clone() for p in net.parameters()]
+    try:
+        make_gr(net, "forward").step(lambda: net(data()[0]).sum())
+        out["no-reshard"] = "no error"
+    except RuntimeError as exc:
+        same = all(torch.equal(a, p.to_local()) for a, p in zip(before, net.parameters()))
+        out["no-reshard"] = (str(exc), same, all(p.grad is None for p in net.parameters()))
+    net = shard(model())
     try:
         gr.engine.gr_direction(lambda: net(data()[0]).sum(), [gr.engine.ParamGroup(list(net.parameters()), 0.1,
                                                                                      0.05)],
@@ -466,7 +475,8 @@ def test_fsdp_faults_are_undone_on_every_rank_and_name_the_pass(guarantees):
 
 def test_fsdp_refuses_what_it_cannot_do_before_anything_changes(guarantees):
     expected = {"double": "carry no graph", "partly-sharded": "plain tensors beside DTensors",
-                "local": "full copy of the parameters", "no-sync": "set_requires_gradient_sync(False)"}
+                "local": "full copy of the parameters", "no-sync": "set_requires_gradient_sync(False)",
+                "no-reshard": "set_reshard_after_backward(False)"}
     for result in guarantees:
         for name, phrase in expected.items():
             message, unchanged, no_grad = result["refusals"][name]
