@@ -119,7 +119,7 @@ def _finite_differences(groups: list[ParamGroup], replay: Replay, perturbation: 
                                 replay.loss_scale * seed)  # a negative seed (c > 1) keeps its sign in δ
         g_flags = []  # g's finiteness where d does not carry g
         if shared and weight_g[0] == 0.0:  # d = Σ_j w_j ∇L(θ + s_j δ): free g before the perturbed pass
-            g_flags.append(_finite_flag(grads))
+            g_flags.append(_all_finite(grads))  # a read-only sweep; a false alarm is cleared by the point below
             for p in params:
                 p.grad = None
         if not shared:  # .grad ← (a_k/c_k)·g per group; the perturbed passes add w_j ∇L_j; then ×c_k
@@ -211,7 +211,7 @@ def _raise_if_nonfinite(method: str, losses: list[Tensor], direction: list[Tenso
     if bool(flag):
         return
     loss_ok = [bool(loss.isfinite()) for loss in losses]
-    g_ok = all(bool(f) for f in g_flags) and (point is None or _exactly_finite(point))
+    g_ok = _exactly_finite(point) if point is not None else all(bool(f) for f in g_flags)  # DB's flag is exact
     if not loss_ok[0] or not g_ok:
         index, what = 1, "loss" if not loss_ok[0] else "gradient"
     elif not all(loss_ok):
