@@ -20,9 +20,9 @@ Refused, with the reason, before anything changes: ``method="double"`` (FSDP2 re
 autograd, so they carry no graph, and ``torch.autograd.grad`` on the sharded parameters returns None), local
 perturbation (every rank all-gathers the same shards: a perturbation of its own would need a full copy of the
 parameters on each rank), parameters that are not all sharded by ``fully_shard`` on one 1-D mesh (HSDP, tensor
-parallelism, plain tensors beside DTensors), and FSDP2 without gradient sync (``set_requires_gradient_sync(False)``,
-seen after the first pass). Not detectable from the parameters, so documented instead: with
-``set_reshard_after_backward(False)`` the next forward reuses the unsharded layers and never sees θ + δ.
+parallelism, plain tensors beside DTensors), FSDP2 without gradient sync (``set_requires_gradient_sync(False)``,
+seen after the first pass) and a module set to ``set_reshard_after_backward(False)`` (its next forward would reuse
+the unsharded layers and never see θ + δ; refused before it runs).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from gradreg._checks import ParamGroup
 from gradreg._perturb import NORM_FLOOR, kept
-from gradreg.methods import STENCILS
+from gradreg.methods import STENCILS, coefficients
 from gradreg.replay import Replay
 
 
@@ -179,11 +179,7 @@ def _stencil(groups: list[ParamGroup], replay: ShardedReplay, perturbation: str,
              buffer: dict[Tensor, Tensor], group: dist.ProcessGroup) -> tuple[list[Tensor], list[Tensor]]:
     """d = (1 − cΣw) g + c Σ_j w_j ∇L(θ + s_j δ) into the sharded ``.grad``; the losses and g's finiteness."""
     params, stencil = replay.params, STENCILS[method]
-    active = [g for g in groups if g.gamma != 0]
-    c = [g.gamma / g.eps for g in active]
-    weight_g = [1.0 - c_k * sum(w for _, w in stencil) for c_k in c]
-    shared = len(set(c)) == 1 and len(active) == len(groups)
-    seed = weight_g[0] if shared and weight_g[0] != 0.0 else 1.0  # pass 1 writes (1 − cΣw)·g into .grad
+    active, c, weight_g, shared, seed = coefficients(groups, method)  # pass 1 writes seed·g into .grad
     losses = [replay.run_pass(params, seed)]
     if all(p.grad is None for p in params):
         raise RuntimeError("FSDP2 reduce-scattered no gradient into the sharded parameters (was "
@@ -208,9 +204,9 @@ def _stencil(groups: list[ParamGroup], replay: ShardedReplay, perturbation: str,
         for g, c_k, a_k in zip(active, c, weight_g):
             torch._foreach_mul_(_locals([p.grad for p in g.params if p.grad is not None]), a_k / c_k)
     for j, (sign, weight) in enumerate(stencil):
-        if j:  # θ + s_j δ from θ + s_0 δ, through θ (central: the reflection θ − δ)
+        if j:  # θ + s_j δ from θ + s_{j−1} δ, through θ (central: the reflection θ − δ)
             with torch.no_grad():
-                torch._foreach_lerp_(shards, [copy for _, copy in replay.kept_theta], 1.0 - sign / stencil[0][0])
+                torch._foreach_lerp_(shards, [copy for _, copy in replay.kept_theta], 1.0 - sign / stencil[j - 1][0])
         losses.append(replay.run_pass(params, c[0] * weight if shared else weight))
         replay.end_pass(theta=j == len(stencil) - 1)  # θ back in the shards after the last pass
     if not shared:

@@ -38,7 +38,7 @@ from torch.autograd.profiler import record_function
 from gradreg._checks import ParamGroup, as_params, checked_groups
 from gradreg._perturb import kept, perturbed_point
 from gradreg._sharded import is_sharded, sharded_direction  # issue 25: FSDP2
-from gradreg.methods import METHODS, PERTURBATIONS, STENCILS
+from gradreg.methods import METHODS, PERTURBATIONS, STENCILS, coefficients
 from gradreg.replay import Replay
 
 __all__ = ["METHODS", "PERTURBATIONS", "NonFiniteError", "ParamGroup", "gr_direction", "gr_grad", "pass_name"]
@@ -98,11 +98,7 @@ def _finite_differences(groups: list[ParamGroup], replay: Replay, perturbation: 
                         buffer: dict[Tensor, Tensor] | None, local: bool):
     """The stencil d = (1 − cΣw) g + c Σ_j w_j ∇L(θ + s_j δ) into ``.grad`` (see the module docstring)."""
     params, stencil = replay.params, STENCILS[method]
-    active = [group for group in groups if group.gamma != 0]
-    c = [group.gamma / group.eps for group in active]
-    weight_g = [1.0 - c_k * sum(w for _, w in stencil) for c_k in c]  # the weight of g in d, per group
-    shared = len(set(c)) == 1 and len(active) == len(groups)  # one c for all: the seeds do all the weighing
-    seed = weight_g[0] if shared and weight_g[0] != 0.0 else 1.0  # pass 1 writes (1 − cΣw)·g into .grad
+    active, c, weight_g, shared, seed = coefficients(groups, method)  # pass 1 writes seed·g into .grad
     with record_function("gradreg:pass1"):  # g, all-reduced unless each worker perturbs with its own
         losses = [replay.run_pass(params, seed, sync=not (local and active))]
     present = _collect(params)  # sparse gradients refused before any perturbation

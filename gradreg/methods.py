@@ -29,6 +29,17 @@ STENCILS: dict[str, tuple[tuple[float, float], ...]] = {
     "central": ((+1.0, +0.5), (-1.0, -0.5)),
 }
 
+def coefficients(groups: list, method: str) -> tuple[list, list[float], list[float], bool, float]:
+    """The stencil's coefficients for ``groups`` (objects with ``gamma`` and ``eps``): the groups with γ > 0, their
+    c = γ/ε, the weight 1 − cΣw of g in d, whether one c serves every group (then the backward seeds carry all the
+    weights), and the seed of pass 1 (1 − cΣw if so and non-zero, else 1)."""
+    active = [group for group in groups if group.gamma != 0]
+    c = [group.gamma / group.eps for group in active]
+    weight_g = [1.0 - c_k * sum(w for _, w in STENCILS[method]) for c_k in c]
+    shared = len(set(c)) == 1 and len(active) == len(groups)
+    return active, c, weight_g, shared, weight_g[0] if shared and weight_g[0] != 0.0 else 1.0
+
+
 #: Display names of every method and reference the book draws (GR methods, baselines, ascent–descent family).
 LABELS: dict[str, str] = {
     "sgd": "SGD",
