@@ -317,24 +317,17 @@ def _refusals() -> dict:
         except NotImplementedError as exc:
             same = all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
             out[name] = (str(exc), same, all(p.grad is None for p in net.parameters()))
-    net = shard(model())
-    net.set_requires_gradient_sync(False)  # FSDP keeps unsharded gradients: nothing GR could perturb with
-    before = [p.to_local().clone() for p in net.parameters()]
-    try:
-        make_gr(net, "forward").step(lambda: net(data()[0]).sum())
-        out["no-sync"] = "no error"
-    except RuntimeError as exc:
-        same = all(torch.equal(a, p.to_local()) for a, p in zip(before, net.parameters()))
-        out["no-sync"] = (str(exc), same, all(p.grad is None for p in net.parameters()))
-    net = shard(model())
-    net.set_reshard_after_backward(False)  # the next forward would reuse the unsharded layers
-    before = [p.to_local().clone() for p in net.parameters()]
-    try:
-        make_gr(net, "forward").step(lambda: net(data()[0]).sum())
-        out["no-reshard"] = "no error"
-    except RuntimeError as exc:
-        same = all(torch.equal(a, p.to_local()) for a, p in zip(before, net.parameters()))
-        out["no-reshard"] = (str(exc), same, all(p.grad is None for p in net.parameters()))
+    for name, configure in {"no-sync": lambda net: net.set_requires_gradient_sync(False),  # no reduced gradient
+                            "no-reshard": lambda net: net.set_reshard_after_backward(False)}.items():  # no gather
+        net = shard(model())
+        configure(net)
+        before = [p.to_local().clone() for p in net.parameters()]
+        try:
+            make_gr(net, "forward").step(lambda net=net: net(data()[0]).sum())
+            out[name] = "no error"
+        except RuntimeError as exc:
+            same = all(torch.equal(a, p.to_local()) for a, p in zip(before, net.parameters()))
+            out[name] = (str(exc), same, all(p.grad is None for p in net.parameters()))
     net = shard(model())
     try:
         gr.engine.gr_direction(lambda: net(data()[0]).sum(), [gr.engine.ParamGroup(list(net.parameters()), 0.1,
