@@ -51,6 +51,8 @@ LABELS: dict[str, str] = {
     "backward": "B-GR",
     "central": "C-GR",
     "sam": "SAM",
+    "usam": "USAM",
+    "plain-sam": "plain SAM",
     "flooding": "flooding",
     "theory": "theory",
 }
@@ -66,6 +68,8 @@ COLORS: dict[str, str] = {
     "backward": "#009E73",
     "central": "#CC79A7",
     "sam": "#E69F00",
+    "usam": "#B07A00",
+    "plain-sam": "#F0E442",
     "flooding": "#56B4E9",
     "theory": "#555555",
 }

@@ -210,7 +210,7 @@ def test_unknown_names_are_rejected():
 
 def test_rows_and_schedule():
     """ROWS: the references around the one METHODS vocabulary; the timed rounds rotate the order."""
-    assert bench.ROWS == ("sgd", "two-passes", *METHODS, "func-db")
+    assert bench.ROWS == ("sgd", "two-passes", *METHODS, "usam", "sam", "plain-sam", "func-db")
     from gradreg.bench.measure import schedule
 
     plan = schedule(["a", "b", "c"], warmup=1, repeats=3, memory=True, flops=False)
@@ -241,3 +241,18 @@ def test_bad_rows_are_rejected():
         bench.benchmark("mlp", methods=("sgd", "sgd"))
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         bench.benchmark("mlp", repeats=0)
+
+
+def test_the_sam_rows_step_as_sam_and_plain_sam_is_the_textbook_step():
+    """gradreg's SAM row and the benchmark's own textbook SAM step move the model the same way (no dropout or
+    BatchNorm in the benchmark's MLP, so the textbook step is exact there), and USAM is F-GR at γ = ε = ρ."""
+    from gradreg.bench.steppers import Stepper
+
+    workload = bench.make_workload("mlp", depth=3, width=16, batch_size=8)
+    steppers = {row: Stepper(row, workload) for row in ("sam", "plain-sam", "usam")}
+    for _ in range(2):
+        for s in steppers.values():
+            s.step()
+    sam, plain, usam = (list(steppers[r].model.parameters()) for r in ("sam", "plain-sam", "usam"))
+    assert max(float((a - b).abs().max()) for a, b in zip(sam, plain)) <= 1e-6
+    assert max(float((a - b).abs().max()) for a, b in zip(sam, usam)) > 1e-6  # normalized ≠ raw

@@ -39,7 +39,7 @@ def one_gradient(L: int) -> int:
 
 
 def two_gradients(L: int) -> int:
-    """2 (3L − 1): two plain passes, F-GR, B-GR."""
+    """2 (3L − 1): two plain passes, F-GR, B-GR, and the SAM family."""
     return 2 * one_gradient(L)
 
 
@@ -65,6 +65,9 @@ FLOP_UNITS: dict[str, Callable[[int], int]] = {
     "forward": two_gradients,
     "backward": two_gradients,
     "central": three_gradients,
+    "usam": two_gradients,
+    "sam": two_gradients,
+    "plain-sam": two_gradients,
     "double": double_backprop,
     "func-db": forward_over_reverse,
 }
@@ -72,7 +75,7 @@ FLOP_UNITS: dict[str, Callable[[int], int]] = {
 #: The same formulas as text, for tables.
 FLOP_FORMULAS: dict[str, str] = {
     "sgd": "3L−1", "two-passes": "6L−2", "forward": "6L−2", "backward": "6L−2", "central": "9L−3",
-    "double": "9L−5", "func-db": "12L−4",
+    "usam": "6L−2", "sam": "6L−2", "plain-sam": "6L−2", "double": "9L−5", "func-db": "12L−4",
 }
 
 

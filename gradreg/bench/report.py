@@ -120,6 +120,9 @@ class BenchResult:
             "forward/two-passes time": self.time_ratio("forward", "two-passes"),
             "forward/double time": self.time_ratio("forward", "double"),
             "forward/func-db time": self.time_ratio("forward", "func-db"),
+            "usam/two-passes time": self.time_ratio("usam", "two-passes"),
+            "sam/two-passes time": self.time_ratio("sam", "two-passes"),
+            "sam/plain-sam time": self.time_ratio("sam", "plain-sam"),
             "forward/sgd memory": self.memory_ratio("forward"),
             "double/sgd memory": self.memory_ratio("double"),
         }

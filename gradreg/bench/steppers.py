@@ -7,6 +7,11 @@ Every row uses the same base optimizer (SGD, momentum 0.9, no weight decay) on t
   finite-difference GR step, which needs two gradients and nothing else;
 * ``forward`` (F-GR), ``backward`` (B-GR), ``central`` (three passes) and ``double`` (double backpropagation,
   reverse-over-reverse): :class:`gradreg.GR` with that ``method``;
+* ``usam`` (F-GR at γ = ε = ρ, unnormalized SAM) and ``sam`` (SAM: normalized, γ = ε = ρ): :class:`gradreg.GR`'s
+  presets, the configurations most users run;
+* ``plain-sam``: the textbook SAM step, written here as a reference for gradreg's: one pass for g, the ascent
+  θ + ρ g/‖g‖ written into the parameters, a second pass there, the descent back to θ, the step (no dropout
+  replay, no running-statistics guard, no rollback: what gradreg's ``sam`` row adds to it);
 * ``func-db``: double backpropagation written with ``torch.func``: g = grad(L), then the Hessian-vector product
   H g by forward-over-reverse, ``jvp(grad(L), (θ,), (g,))`` — the form torch.func recommends for HVPs.
   BatchNorm inside torch.func transforms cannot update running statistics (an in-place update of a captured
@@ -33,18 +38,20 @@ from gradreg.bench.workloads import Workload
 from gradreg.methods import METHODS
 from gradreg.optim import GR
 
-#: Every row the benchmark knows — the two references, the four GR methods and DB through torch.func.
-ROWS: tuple[str, ...] = ("sgd", "two-passes", *METHODS, "func-db")
+#: Every row the benchmark knows — the two references, the four GR methods, the SAM family with its textbook
+#: reference, and DB through torch.func.
+ROWS: tuple[str, ...] = ("sgd", "two-passes", *METHODS, "usam", "sam", "plain-sam", "func-db")
 ATTENTION = ("default", "math")
 
 
 @dataclass(frozen=True)
 class StepConfig:
-    """The hyperparameters of every step (the defaults are the benchmark's): GR's γ and ε, the base SGD's
-    learning rate and momentum, and the attention kernel (``"math"`` forces the unfused one)."""
+    """The hyperparameters of every step (the defaults are the benchmark's): GR's γ and ε, the SAM rows' ρ, the base
+    SGD's learning rate and momentum, and the attention kernel (``"math"`` forces the unfused one)."""
 
     gamma: float = 0.005
     eps: float = 0.01
+    rho: float = 0.05
     lr: float = 1e-3
     momentum: float = 0.9
     attention: str = "default"
@@ -93,6 +100,8 @@ class Stepper:
         if method in METHODS:
             eps = None if method == "double" else config.eps
             self.optimizer = GR(self.base, gamma=config.gamma, eps=eps, method=method)
+        elif method in ("usam", "sam"):
+            self.optimizer = getattr(GR, method)(self.base, rho=config.rho)
         x, y, loss_fn = workload.inputs, workload.targets, workload.loss_fn
         self.closure = lambda: loss_fn(self.model(x), y)
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -116,6 +125,8 @@ class Stepper:
                 with record_function("gradreg:pass2"):
                     self.closure().backward()
                 self.base.step()
+            elif self.method == "plain-sam":
+                self._plain_sam()
             elif self.method == "func-db":
                 self.base.zero_grad(set_to_none=True)
                 params = {n: p.detach() for n, p in zip(self.names, self.params)}
@@ -129,6 +140,23 @@ class Stepper:
                 # alive during the step, to put it back if a pass fails (one more parameter-sized buffer)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.optimizer.step(self.closure)
+
+    def _plain_sam(self) -> None:
+        """The textbook SAM step: g, climb to θ + ρ g/‖g‖, the gradient there, back to θ, step."""
+        self.base.zero_grad(set_to_none=True)
+        with record_function("gradreg:pass1"):
+            self.closure().backward()
+        with torch.no_grad():
+            grads = [p.grad for p in self.params]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            climb = torch._foreach_mul(grads, self.config.rho / (float(norm) + 1e-12))
+            torch._foreach_add_(self.params, climb)
+        self.base.zero_grad(set_to_none=True)
+        with record_function("gradreg:pass2"):
+            self.closure().backward()
+        with torch.no_grad():
+            torch._foreach_sub_(self.params, climb)
+        self.base.step()
 
     def held_tensors(self) -> list[Tensor]:
         """What this row holds between steps: parameters, ``.grad``, buffers, the optimizer's state and GR's kept
