@@ -39,6 +39,8 @@ import pytest
 import yaml
 from test_book_meta import toc_files
 
+from gradreg.plotting import PNG_KEYS
+
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 BUILD_TIMEOUT_S = 3600  # the build executes every chapter; the per-cell limit is in _config.yml
@@ -586,14 +588,15 @@ def test_figure_text_is_readable_at_the_page_width(reports, book, browser, page)
         if not f["src"].startswith(browser["origin"]):
             continue
         meta = _png_text(book["html"] / f["src"].removeprefix(browser["origin"] + "/"))
-        if "gradreg:smallest-font-pt" not in meta:
+        if PNG_KEYS["smallest"] not in meta:
             unmarked.append(f"#{f['section']}: {f['src'].rsplit('/', 1)[-1]}")
             continue
         scale = f["rendered"] / f["natural"]
-        px = float(meta["gradreg:smallest-font-pt"]) * float(meta["gradreg:dpi"]) / 72 * scale
+        points = float(meta[PNG_KEYS["smallest"]])
+        px = points * float(meta[PNG_KEYS["dpi"]]) / 72 * scale
         if px < MIN_FIGURE_TEXT_PX:
-            small.append(f"#{f['section']}: {meta['gradreg:smallest-font-pt']} pt drawn at {f['natural']} px, shown at "
-                         f"{f['rendered']:.0f} px: {px:.1f} px ({meta.get('gradreg:smallest-text', '')!r})")
+            small.append(f"#{f['section']}: {points:g} pt drawn at {f['natural']} px, shown at "
+                         f"{f['rendered']:.0f} px: {px:.1f} px ({meta.get(PNG_KEYS['which'], '')!r})")
     assert not unmarked, (f"{page}: figures without the font-size record of gradreg.plotting.figure_png (was "
                           f"gr.setup() / plotting.use_style() called?): {unmarked}")
     assert not small, f"{page}: figure text below {MIN_FIGURE_TEXT_PX} px on the page:\n  " + "\n  ".join(small)
