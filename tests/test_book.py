@@ -10,7 +10,11 @@ and the bibliography) is loaded in headless Chromium, from a local HTTP server, 
 
 * MathJax (served from the book itself) typeset every formula, and no raw TeX is left in the text;
 * every image served by the book loaded;
-* no JavaScript exception, console error, or failed same-origin request.
+* no JavaScript exception, console error, or failed same-origin request;
+* what a reader sees at the page's width (1280-px window): no raw TeX ($, \\frac, \\sum, ...) in text outside math;
+  no table or display formula wider than the text column, and no printed output wider than its box unless it
+  scrolls with the visible scrollbar of book/_static/gradreg.css; no figure text smaller than MIN_FIGURE_TEXT_PX
+  on the page (gradreg.plotting.figure_png records each figure's smallest font and dpi in its PNG).
 
 The browser is driven through the Chrome DevTools Protocol with ``websocket-client``. Debian's
 ``chromium`` package is needed: without it the browser tests are skipped locally and fail in CI (CI=true).
