@@ -98,7 +98,10 @@ def _display_figures_with_font_metadata() -> None:
     ip = get_ipython()
     if ip is None or not hasattr(ip, "display_formatter"):
         return
-    import matplotlib_inline.backend_inline  # noqa: F401  (its import registers its formatter; ours replaces it)
+    try:
+        import matplotlib_inline.backend_inline  # noqa: F401  (its import registers its formatter; ours replaces it)
+    except ImportError:
+        return
 
     if mpl.get_backend() not in ("inline", "module://matplotlib_inline.backend_inline"):
         return
