@@ -39,9 +39,81 @@ STYLE: dict[str, object] = {
 }
 
 
+
+#: PNG text keys written into every figure the book's kernel displays (``figure_png``); the browser test reads them.
+PNG_KEYS = {"smallest": "gradreg:smallest-font-pt", "dpi": "gradreg:dpi", "which": "gradreg:smallest-text"}
+
+
 def use_style() -> None:
-    """Apply the book's matplotlib style (PNG figures: nbval does not compare them, SVG would differ per run)."""
+    """Apply the book's matplotlib style (PNG figures: nbval does not compare them, SVG would differ per run).
+
+    In an IPython kernel with the inline backend, figures are also displayed through :func:`figure_png`, which
+    records the smallest font of each figure in its PNG, so that a test can compute the size text has on the page.
+    """
     mpl.rcParams.update(STYLE)
+    _display_figures_with_font_metadata()
+
+
+def smallest_text(fig) -> tuple[float, str]:
+    """The smallest font size (points) of any text that drawing ``fig`` puts on the canvas (tick labels, legends,
+    titles, labels, annotations), and that text; ``(inf, "")`` for a figure that draws no text."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    drawn: list[tuple[float, str]] = []
+    renderer = FigureCanvasAgg(fig).get_renderer() if not hasattr(fig.canvas, "get_renderer") else \
+        fig.canvas.get_renderer()
+    plain = renderer.draw_text
+
+    def record(gc, x, y, s, prop, angle, ismath=False, mtext=None):
+        if str(s).strip():
+            drawn.append((float(prop.get_size_in_points()), str(s).strip()[:40]))
+        return plain(gc, x, y, s, prop, angle, ismath=ismath, mtext=mtext)
+
+    renderer.draw_text = record
+    try:
+        fig.draw(renderer)
+    finally:
+        del renderer.draw_text
+    return min(drawn, key=lambda d: d[0]) if drawn else (float("inf"), "")
+
+
+def figure_png(fig) -> str | None:
+    """The figure as base64 PNG, as IPython's inline backend makes it (``bbox_inches="tight"``, the figure's dpi),
+    with :data:`PNG_KEYS` in its text chunks: the smallest font in points, the dpi, and the text that has it."""
+    from IPython.core.pylabtools import print_figure
+
+    size, text = smallest_text(fig)
+    metadata = {PNG_KEYS["smallest"]: f"{size:g}", PNG_KEYS["dpi"]: f"{fig.dpi:g}",
+                PNG_KEYS["which"]: text.encode("latin-1", "replace").decode("latin-1")}
+    return print_figure(fig, fmt="png", bbox_inches="tight", base64=True, metadata=metadata)
+
+
+def _display_figures_with_font_metadata() -> None:
+    """Register :func:`figure_png` as the PNG formatter of matplotlib figures in a running IPython kernel with the
+    inline backend (a no-op elsewhere), and keep it registered: the inline backend may register its own again."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    ip = get_ipython()
+    if ip is None or not hasattr(ip, "display_formatter"):
+        return
+    try:
+        import matplotlib_inline.backend_inline  # noqa: F401  (its import registers its formatter; ours replaces it)
+    except ImportError:
+        return
+
+    if mpl.get_backend() not in ("inline", "module://matplotlib_inline.backend_inline"):
+        return
+    from matplotlib.figure import Figure
+
+    def register(*_args) -> None:
+        ip.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
+
+    register()
+    if not any(getattr(cb, "__name__", "") == "_gradreg_png" for cb in ip.events.callbacks["pre_run_cell"]):
+        register.__name__ = "_gradreg_png"
+        ip.events.register("pre_run_cell", register)
 
 
 def plain_log_ticks(axis, ticks: Sequence[float]) -> None:

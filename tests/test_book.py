@@ -10,7 +10,11 @@ and the bibliography) is loaded in headless Chromium, from a local HTTP server, 
 
 * MathJax (served from the book itself) typeset every formula, and no raw TeX is left in the text;
 * every image served by the book loaded;
-* no JavaScript exception, console error, or failed same-origin request.
+* no JavaScript exception, console error, or failed same-origin request;
+* what a reader sees at the page's width (1280-px window): no raw TeX ($, \\frac, \\sum, ...) in text outside math;
+  no table or display formula wider than the text column, and no printed output wider than its box unless it
+  scrolls with the visible scrollbar of book/_static/gradreg.css; no figure text smaller than MIN_FIGURE_TEXT_PX
+  on the page (gradreg.plotting.figure_png records each figure's smallest font and dpi in its PNG).
 
 The browser is driven through the Chrome DevTools Protocol with ``websocket-client``. Debian's
 ``chromium`` package is needed: without it the browser tests are skipped locally and fail in CI (CI=true).
@@ -38,6 +42,8 @@ from pathlib import Path
 import pytest
 import yaml
 from test_book_meta import toc_files
+
+from gradreg.plotting import PNG_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
@@ -368,6 +374,60 @@ _INSPECT_JS = r"""
 """
 
 
+_LAYOUT_JS = r"""
+// Runs in the page after _INSPECT_JS: raw TeX left in the text, boxes whose content is cut off on the right,
+// and every figure's rendered size against its natural size.
+(() => {
+  const out = {rawTex: [], clipped: [], figures: []};
+  const main = document.querySelector('article.bd-article') || document.querySelector('main') || document.body;
+  const skip = 'pre, code, script, style, mjx-container, mjx-assistive-mml, .MathJax, kbd, samp, .highlight';
+  const walker = document.createTreeWalker(main, NodeFilter.SHOW_TEXT);
+  const tex = [/\$/, /\\frac/, /\\sum/, /\\\(/, /\\\)/, /\\\[/, /\\\]/, /\\(mathrm|varepsilon|theta|nabla|lVert)\b/];
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const parent = node.parentElement;
+    if (!parent || parent.closest(skip)) continue;
+    const text = node.textContent;
+    const hit = tex.find(re => re.test(text));
+    if (hit) {
+      const i = text.search(hit);
+      out.rawTex.push(text.slice(Math.max(0, i - 40), i + 40).replace(/\s+/g, ' '));
+    }
+  }
+  // Text outputs, tables (Markdown and printed) and display math: content wider than its box is cut off, unless
+  // the box scrolls; and nothing may stick out past the right edge of the text column.
+  const columnRight = main.getBoundingClientRect().right - parseFloat(getComputedStyle(main).paddingRight);
+  const boxes = main.querySelectorAll('.cell_output pre, .output pre, table, mjx-container[display="true"]');
+  for (const el of boxes) {
+    if (el.closest('.cell_input')) continue;  // code may scroll: it is not a result
+    const rect = el.getBoundingClientRect();
+    if (rect.width === 0) continue;  // inside a closed dropdown
+    const content = Math.max(el.scrollWidth, ...Array.from(el.children, c => c.getBoundingClientRect().width));
+    const overflow = content - el.clientWidth;
+    const past = rect.left + content - columnRight, boxPast = rect.right - columnRight;
+    if (overflow > 1 || past > 1) {
+      const where = el.closest('section');
+      const style = getComputedStyle(el);
+      const marked = style.getPropertyValue('--gradreg-scrolls').trim() === '1';
+      const scrolls = el.tagName === 'PRE' && ['auto', 'scroll'].includes(style.overflowX) && marked;
+      out.clipped.push({tag: el.tagName.toLowerCase(), content: Math.round(content), box: Math.round(el.clientWidth),
+                        scrolls: scrolls && boxPast <= 1,
+                        past: Math.round(past), section: where && where.id,
+                        text: el.textContent.trim().replace(/\s+/g, ' ').slice(0, 70)});
+    }
+  }
+  out.columnWidth = Math.round(columnRight - main.getBoundingClientRect().left);
+  for (const img of main.querySelectorAll('img')) {
+    const rect = img.getBoundingClientRect();
+    if (!img.naturalWidth || rect.width === 0) continue;
+    const where = img.closest('section');
+    out.figures.push({src: img.currentSrc || img.src, natural: img.naturalWidth, rendered: rect.width,
+                      section: where && where.id});
+  }
+  return out;
+})()
+"""
+
+
 @pytest.fixture(scope="module")
 def browser(book):
     if book["rc"] != 0:
@@ -395,6 +455,7 @@ def _open(browser: dict, page: str, screenshot: Path | None = None) -> dict:
         cdp.call("Page.navigate", url=f"{browser['base']}/{page}.html")
         cdp.wait_event("Page.loadEventFired")
         report = cdp.evaluate(_INSPECT_JS)
+        report["layout"] = cdp.evaluate(_LAYOUT_JS)
         if screenshot is not None:
             shot = cdp.call("Page.captureScreenshot", format="png")
             screenshot.write_bytes(base64.b64decode(shot["data"]))
@@ -442,17 +503,25 @@ def _open(browser: dict, page: str, screenshot: Path | None = None) -> dict:
     return report
 
 
-@pytest.mark.parametrize("page", list(BROWSER_PAGES))
-def test_page_renders_in_chromium(browser, page, tmp_path):
-    # A screenshot of the intro and notation pages is always taken (and must not be blank); with
-    # GRADREG_BOOK_SCREENSHOTS=<folder>, every page's is kept there for a person to look at.
-    screenshot = None
+@pytest.fixture(scope="module")
+def reports(browser, book) -> dict[str, dict]:
+    """Every page of BROWSER_PAGES opened once, with its report. A screenshot of the intro and notation pages is
+    always taken (and must not be blank); with GRADREG_BOOK_SCREENSHOTS=<folder>, every page's is kept there for a
+    person to look at."""
     keep = os.environ.get("GRADREG_BOOK_SCREENSHOTS")
-    if keep or page in {"book/intro", "book/notation"}:
-        folder = Path(keep) if keep else tmp_path
-        folder.mkdir(parents=True, exist_ok=True)
-        screenshot = folder / f"{page.replace('/', '_')}.png"
-    report = _open(browser, page, screenshot)
+    folder = Path(keep) if keep else book["out"] / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    found = {}
+    for page in BROWSER_PAGES:
+        screenshot = folder / f"{page.replace('/', '_')}.png" if keep or page in {"book/intro", "book/notation"} \
+            else None
+        found[page] = _open(browser, page, screenshot) | {"screenshot": screenshot}
+    return found
+
+
+@pytest.mark.parametrize("page", list(BROWSER_PAGES))
+def test_page_renders_in_chromium(browser, reports, page):
+    report, screenshot = reports[page], reports[page]["screenshot"]
 
     assert not report["errors"], f"{page}: browser errors:\n" + "\n".join(report["errors"])
     broken = [img["src"] for img in report["images"] if not img["ok"] and img["src"].startswith(browser["origin"])]
@@ -468,3 +537,70 @@ def test_page_renders_in_chromium(browser, page, tmp_path):
         assert report["mathFontsLoaded"] > 0, f"{page}: no MathJax font loaded: the math would be invisible"
     if screenshot is not None and page in {"book/intro", "book/notation"}:
         assert screenshot.stat().st_size > 20_000, f"{page}: the screenshot looks empty"
+
+
+# --------------------------------------------------------------------------------------------- what a reader sees
+
+
+#: The smallest text a figure may show on the page, in CSS pixels (the font's em size), at the window width of the
+#: browser test (1280 px, a text column of about 690 px). At 4–5 px, as three-panel figures scaled into the column
+#: were, legends and tick labels cannot be read; 8.5 px is about the size of a footnote at a normal zoom.
+MIN_FIGURE_TEXT_PX = 8.5
+
+
+def _png_text(path: Path) -> dict[str, str]:
+    """The tEXt chunks of a PNG file (where gradreg.plotting.figure_png records a figure's smallest font)."""
+    data, pos, found = path.read_bytes(), 8, {}
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind == b"tEXt":
+            key, _, value = data[pos + 8:pos + 8 + length].partition(b"\0")
+            found[key.decode("latin-1")] = value.decode("latin-1")
+        if kind in (b"IDAT", b"IEND"):
+            break
+        pos += 12 + length
+    return found
+
+
+@pytest.mark.parametrize("page", list(BROWSER_PAGES))
+def test_no_raw_tex_in_the_text(reports, page):
+    """No $, \\frac, \\sum (or another TeX command) in a text node outside code and typeset math: a formula that
+    Markdown broke (a line that starts with "+" becomes a bullet) or a stray dollar shows as raw TeX."""
+    raw = reports[page]["layout"]["rawTex"]
+    assert not raw, f"{page}: raw TeX in the text: {raw[:5]}"
+
+
+@pytest.mark.parametrize("page", list(BROWSER_PAGES))
+def test_no_output_table_or_formula_is_cut_off(reports, page):
+    """At the page's width, no table (Markdown or printed) and no display formula is wider than its box or the text
+    column; a printed output wider than the column scrolls, with the visible scrollbar of book/_static/gradreg.css."""
+    cut = [c for c in reports[page]["layout"]["clipped"] if not c["scrolls"]]
+    assert not cut, (f"{page}: cut off at the right edge (content px > box px):\n"
+                     + "\n".join(f"  <{c['tag']}> in #{c['section']}: {c['content']} > {c['box']} px, "
+                                  f"{c['past']} px past the column: {c['text']!r}" for c in cut))
+
+
+@pytest.mark.parametrize("page", [p for p in BROWSER_PAGES if p.startswith("chapters/")])
+def test_figure_text_is_readable_at_the_page_width(reports, book, browser, page):
+    """Every figure's smallest text (gradreg.plotting.figure_png writes its size in points and the figure's dpi
+    into the PNG), scaled as the page shows the figure (rendered width / natural width), is at least
+    MIN_FIGURE_TEXT_PX CSS pixels."""
+    figures = reports[page]["layout"]["figures"]
+    assert figures, f"{page}: no figure found on the page"
+    small, unmarked = [], []
+    for f in figures:
+        if not f["src"].startswith(browser["origin"]):
+            continue
+        meta = _png_text(book["html"] / f["src"].removeprefix(browser["origin"] + "/"))
+        if PNG_KEYS["smallest"] not in meta:
+            unmarked.append(f"#{f['section']}: {f['src'].rsplit('/', 1)[-1]}")
+            continue
+        scale = f["rendered"] / f["natural"]
+        points = float(meta[PNG_KEYS["smallest"]])
+        px = points * float(meta[PNG_KEYS["dpi"]]) / 72 * scale
+        if px < MIN_FIGURE_TEXT_PX:
+            small.append(f"#{f['section']}: {points:g} pt drawn at {f['natural']} px, shown at "
+                         f"{f['rendered']:.0f} px: {px:.1f} px ({meta.get(PNG_KEYS['which'], '')!r})")
+    assert not unmarked, (f"{page}: figures without the font-size record of gradreg.plotting.figure_png (was "
+                          f"gr.setup() / plotting.use_style() called?): {unmarked}")
+    assert not small, f"{page}: figure text below {MIN_FIGURE_TEXT_PX} px on the page:\n  " + "\n  ".join(small)

@@ -97,3 +97,34 @@ def test_plain_log_ticks_label_a_short_log_axis_with_plain_numbers():
     with pytest.raises(ValueError, match="ticks must be a non-empty list of positive numbers"):
         plotting.plain_log_ticks(ax.yaxis, [0, 1])
     plt.close(fig)
+
+
+def test_smallest_text_is_the_smallest_font_drawn():
+    plotting.use_style()
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4], label="curve")
+    ax.legend(fontsize=7)
+    ax.set_title("title", fontsize=14)
+    assert plotting.smallest_text(fig) == (7.0, "curve")
+    fig2, ax2 = plt.subplots()
+    ax2.set_axis_off()  # hidden axes draw no tick labels
+    ax2.text(0.5, 0.5, "only", fontsize=13)
+    assert plotting.smallest_text(fig2) == (13.0, "only")
+    plt.close(fig)
+    plt.close(fig2)
+
+
+def test_figure_png_records_the_smallest_font_and_the_dpi():
+    import base64
+    import io
+
+    from PIL import Image
+
+    fig, ax = plt.subplots(dpi=100)
+    ax.plot([1, 2], [3, 4], label="curve")
+    ax.legend(fontsize=6.5)
+    image = Image.open(io.BytesIO(base64.b64decode(plotting.figure_png(fig))))
+    plt.close(fig)
+    assert image.text[plotting.PNG_KEYS["smallest"]] == "6.5"
+    assert image.text[plotting.PNG_KEYS["dpi"]] == "100"
+    assert image.text[plotting.PNG_KEYS["which"]] == "curve"
