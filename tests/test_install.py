@@ -88,3 +88,23 @@ def test_the_sdist_runs_its_core_unit_tests_without_nbval(tmp_path):
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     assert str(unpacked) in subprocess.run([sys.executable, "-c", "import gradreg; print(gradreg.__file__)"],
                                            cwd=unpacked, env=env, capture_output=True, text=True).stdout
+
+
+def test_chapter_5_on_a_gpu_starts_a_short_preset_never_the_paper_sweep():
+    """Colab's GPU runtime (full size) gets the preset ``cifar10-short``, under 1 % of the paper-scale sweep's
+    work (epochs × training images × gradient passes); the 45-run sweep is only a command."""
+    import gradreg.experiments as ex
+
+    notebook = json.loads((ROOT / "chapters" / "05_generalization.ipynb").read_text())
+    (line,) = [line for cell in notebook["cells"] if cell["cell_type"] == "code"
+               for line in "".join(cell["source"]).splitlines() if line.startswith("NAME = S.size(")]
+    full = eval(line.split("=", 1)[1].split("#")[0], {"S": type("Full", (), {"size": lambda fast, full: full})})
+    passes = {"sgd": 1, "forward": 2, "backward": 2, "double": 3}
+
+    def work(configs) -> int:
+        return sum(c.epochs * (c.train_size or 50_000) * passes[c.method] for c in configs)
+
+    assert full == "cifar10-short" and {c.dataset for c in ex.preset(full)} == {"cifar10"}
+    assert work(ex.preset(full)) < 0.01 * work(ex.preset("cifar10"))
+    assert {(c.method, c.gamma, c.eps) for c in ex.preset(full)} == {(c.method, c.gamma, c.eps)
+                                                                     for c in ex.preset("cifar10")}
