@@ -108,3 +108,11 @@ def test_chapter_5_on_a_gpu_starts_a_short_preset_never_the_paper_sweep():
     assert work(ex.preset(full)) < 0.01 * work(ex.preset("cifar10"))
     assert {(c.method, c.gamma, c.eps) for c in ex.preset(full)} == {(c.method, c.gamma, c.eps)
                                                                      for c in ex.preset("cifar10")}
+
+
+def test_import_gradreg_imports_no_trainer_framework():
+    code = ("import sys, gradreg, gradreg.integrations; "
+            "print(sorted(m for m in ('lightning', 'transformers', 'accelerate') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
