@@ -108,6 +108,23 @@ def test_lightning_at_gamma_0_equals_the_plain_trainer(precision):
     assert max_difference(module, WithGR(gamma=0.0)) > 1e-3  # it trained
 
 
+def test_lightning_steps_an_epoch_scheduler_as_the_plain_trainer_does():
+    def epoch_schedule(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5),
+                                                   "interval": "epoch"}}
+
+    plain, module = Plain(), WithGR(gamma=0.0, eps=0.05, accumulate_grad_batches=2)
+    plain.configure_optimizers = epoch_schedule.__get__(plain)
+    module.configure_optimizers = epoch_schedule.__get__(module)
+    L.Trainer(max_epochs=3, accumulate_grad_batches=2, enable_checkpointing=False, **QUIET).fit(plain,
+                                                                                               loader(toy_data()))
+    trainer = L.Trainer(max_epochs=3, enable_checkpointing=False, **QUIET)
+    trainer.fit(module, loader(toy_data()))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert max_difference(plain, module) <= 1e-6
+
+
 def gr_loop(model: nn.Module, batches, *, gamma: float, accumulate: int, max_norm: float,
             autocast: torch.dtype | None = None) -> nn.Module:
     """The plain gradreg loop: GR.direction over the step's micro-batches, clip, base step, scheduler step."""
@@ -286,6 +303,29 @@ def test_hf_resumes_from_a_checkpoint(tmp_path):
     trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
     assert trainer.state.global_step == 4
     assert max_difference(straight, resumed) <= 1e-6
+
+
+def test_an_fp16_overflow_reaches_the_trainers_single_unscale():
+    """GRTrainer's fp16 path without a GPU (accelerate uses no GradScaler on a CPU): GR reports the overflow to the
+    proxy, an infinite .grad hands it to the one ``unscale_`` the Trainer makes when it clips, and the scaler then
+    skips the step and backs off, as in a plain fp16 step."""
+    from gradreg.integrations.huggingface import _DeferredOverflow, _mark_overflow
+
+    model = mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt, scaler = gr.GR(base, gamma=0.05, eps=0.05), torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = toy_data(8).tensors
+    before = [p.detach().clone() for p in model.parameters()]
+    proxy = _DeferredOverflow(scaler)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert opt.direction(lambda: nn.functional.cross_entropy(model(x * 1e6), y), scaler=proxy) is None
+    assert proxy.overflowed
+    _mark_overflow(base)
+    scaler.unscale_(base)  # what the Trainer's clip_grad_norm_ does, once
+    scaler.step(base)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_gr_given_to_grtrainer_is_refused(tmp_path):
