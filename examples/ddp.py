@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 examples/ddp.py            # CPU: gloo; GPUs: nccl
     torchrun --standalone --nproc_per_node=2 examples/ddp.py --perturbation local
+    torchrun --standalone --nproc_per_node=2 examples/ddp.py --accumulation 2 --bf16   # + accumulation, AMP
 
 Pass the DDP module to GR (``ddp=``) and call that module in the closure. By default the perturbation uses the
 all-reduced gradient, so a DDP step is the single-process step on the workers' batches together (two gradient
@@ -49,7 +50,18 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def main(steps: int, local: bool) -> None:
+# [start-loss]
+def ddp_closures(ddp: DDP, x: torch.Tensor, y: torch.Tensor, accumulation: int, bf16: bool) -> list:
+    """One closure per micro-batch (accumulation), each under bf16 autocast (AMP) if asked: GR gets the list, and
+    synchronises the accumulated gradient once per pass that needs it."""
+    def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return nn.functional.cross_entropy(ddp(xb), yb) / accumulation
+    return [lambda xb=xb, yb=yb: loss(xb, yb) for xb, yb in zip(x.chunk(accumulation), y.chunk(accumulation))]
+# [end-loss]
+
+
+def main(steps: int, local: bool, accumulation: int = 1, bf16: bool = False) -> None:
     # [start-ddp]
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")  # torchrun sets rank and world
     rank = dist.get_rank()
@@ -69,11 +81,15 @@ def main(steps: int, local: bool) -> None:
             x, y = x.to(device), y.to(device)
             # [start-step]
             # ... and the closure calls the DDP module
-            loss = optimizer.step(lambda x=x, y=y: nn.functional.cross_entropy(ddp(x), y))
+            if accumulation == 1 and not bf16:
+                loss = optimizer.step(lambda x=x, y=y: nn.functional.cross_entropy(ddp(x), y))
+            else:  # with accumulation and/or AMP: a list of closures, one per micro-batch
+                loss = optimizer.step(ddp_closures(ddp, x, y, accumulation, bf16))
             # [end-step]
             xs, ys = gathered(x), gathered(y)
             if rank == 0:
-                ref_optimizer.step(lambda xs=xs, ys=ys: nn.functional.cross_entropy(reference(xs), ys))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    ref_optimizer.step(lambda xs=xs, ys=ys: nn.functional.cross_entropy(reference(xs), ys))
             step += 1
             if step == steps:
                 break
@@ -84,7 +100,8 @@ def main(steps: int, local: bool) -> None:
         pairs = zip(ddp.module.parameters(), reference.parameters())
         error = max(float((a - b).detach().abs().max()) for a, b in pairs)
         mode = "local" if local else "global"
-        print(f"world {dist.get_world_size()}, {mode} perturbation, {steps} steps, last loss {float(loss):.4f}")
+        print(f"world {dist.get_world_size()}, {mode} perturbation, {steps} steps, last loss {float(loss):.4f}, "
+              f"accumulation {accumulation}, {'bf16 autocast' if bf16 else 'float32'}")
         print(f"workers' parameters identical: {float(spread.max()) == 0.0}")
         note = " (local perturbation: a different step by design)" if local else ""
         print(f"max |θ_ddp − θ_single-process| = {error:.1e}{note}")
@@ -96,5 +113,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--perturbation", choices=("global", "local"), default="global",
                         help="global: with the all-reduced gradient; local: each worker with its own")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per worker and step")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (AMP) in every pass")
     args = parser.parse_args()
-    main(args.steps, args.perturbation == "local")
+    main(args.steps, args.perturbation == "local", args.accumulation, args.bf16)

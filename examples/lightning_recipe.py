@@ -1,17 +1,10 @@
-"""gradreg in PyTorch Lightning: manual optimization, with gradient clipping, an LR scheduler and ``max_steps``.
+"""gradreg in PyTorch Lightning with :class:`gradreg.integrations.lightning.GRLightningModule`: AdamW, bf16-mixed,
+two micro-batches per step, gradient clipping and a per-step cosine schedule.
 
-Lightning's automatic optimization cannot drive GR: its closure runs ``training_step`` *and* ``backward()`` and
-hands the optimizer a detached loss, while GR must differentiate the loss itself, several times per step. With
-manual optimization the module asks GR for the direction, and Lightning's own ``optimizer.step()`` applies it:
-
-* ``configure_optimizers`` returns the **base** optimizer (and its scheduler) to Lightning and keeps the GR wrapper
-  for itself. Lightning's ``optimizer.step()`` is then exactly the base step, and Lightning counts it, so
-  ``global_step`` advances and ``Trainer(max_steps=...)`` stops training. (Calling ``gr.base_optimizer.step()``
-  directly would bypass Lightning's wrapper: ``global_step`` would stay 0 and ``max_steps`` would never stop.)
-* ``training_step`` fills ``.grad`` with the GR direction, clips it with ``self.clip_gradients`` (Lightning's
-  ``Trainer(gradient_clip_val=...)`` is for automatic optimization only) and steps.
-
-Run it (seconds on a CPU; needs ``pip install lightning``):
+Subclass ``GRLightningModule`` instead of ``LightningModule``, pass GR's arguments (and accumulation/clipping,
+which Lightning refuses under manual optimization) to its ``__init__``, and write ``training_loss`` instead of
+``training_step``. ``tests/test_integrations.py`` checks that at γ = 0 this is the plain Lightning run, and at
+γ > 0 the plain gradreg loop. Run it (seconds on a CPU; needs ``pip install lightning``):
 
     python examples/lightning_recipe.py
 """
@@ -22,46 +15,35 @@ import lightning as L
 import torch
 from torch import nn
 
-import gradreg as gr
+from gradreg.integrations.lightning import GRLightningModule
 
 
 # [start-module]
-class GRClassifier(L.LightningModule):
-    """A classifier trained with GR under Lightning's manual optimization."""
+class GRClassifier(GRLightningModule):
+    """A classifier trained with F-GR; everything Lightning does otherwise stays Lightning's."""
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, gamma: float = 0.05, eps: float = 0.05,
-                 method: str = "forward", max_norm: float = 1.0):
-        super().__init__()
-        self.model = model
-        self.automatic_optimization = False  # gradreg differentiates: Lightning must not call backward()
-        self.lr, self.max_norm = lr, max_norm
-        self.gr_config = {"gamma": gamma, "eps": eps, "method": method}
+    def __init__(self, model: nn.Module, lr: float = 1e-2, **gr_kwargs):
+        super().__init__(gamma=0.05, eps=0.05, accumulate_grad_batches=2, gradient_clip_val=1.0, **gr_kwargs)
+        self.model, self.lr = model, lr
 
-    def configure_optimizers(self):
-        base = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        self.gr = gr.GR(base, **self.gr_config)  # the module keeps the GR wrapper ...
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=self.trainer.estimated_stepping_batches)
-        return {"optimizer": base, "lr_scheduler": scheduler}  # ... Lightning gets the base optimizer
-
-    def training_step(self, batch, batch_idx):
+    def training_loss(self, batch, batch_idx):  # called once per GR pass: log in hooks, not here
         x, y = batch
-        optimizer = self.optimizers()  # Lightning's wrapper around the base optimizer
-        loss = self.gr.direction(lambda: nn.functional.cross_entropy(self.model(x), y))  # .grad ← GR direction
-        if loss is not None:  # None: a skipped step (on_nonfinite="skip")
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_norm, gradient_clip_algorithm="norm")
-            optimizer.step()  # the base step, counted by Lightning: global_step advances, max_steps stops
-            self.log("train_loss", loss, prog_bar=True)
-        self.lr_schedulers().step()
-        return loss
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):  # the base optimizer and its scheduler, as for any LightningModule
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        steps = self.trainer.estimated_stepping_batches // self.accumulate + 1
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 # [end-module]
 
 
-def fit(model: nn.Module, data: torch.utils.data.Dataset, max_steps: int, batch_size: int = 64,
+def fit(model: nn.Module, data: torch.utils.data.Dataset, epochs: int, batch_size: int = 32,
         **kwargs) -> tuple[GRClassifier, L.Trainer]:
-    """Train ``model`` for ``max_steps`` GR steps on a CPU, quietly; return the module and the trainer."""
+    """Train ``model`` for ``epochs`` on a CPU in bf16-mixed, quietly; return the module and the trainer."""
     # [start-fit]
     module = GRClassifier(model, **kwargs)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+    trainer = L.Trainer(max_epochs=epochs, precision="bf16-mixed", accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=batch_size))
     # [end-fit]
@@ -72,5 +54,5 @@ if __name__ == "__main__":
     from train_loop import accuracy, make_model, toy_data
 
     data = toy_data()
-    module, trainer = fit(make_model(), data, max_steps=40)
+    module, trainer = fit(make_model(), data, epochs=3)
     print(f"global_step {trainer.global_step}, accuracy {accuracy(module.model, data):.3f}")

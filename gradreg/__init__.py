@@ -6,7 +6,7 @@ closure, :class:`GR` wraps any torch optimizer with it.
 ``import gradreg`` loads only what a training loop needs (the engine, the optimizer, the method vocabulary and
 the chapter runtime: torch and numpy). Every other submodule loads on first use, ``gradreg.dln`` or
 ``from gradreg import plotting`` alike (PEP 562); the book's extra dependencies (scipy, matplotlib, tqdm, mnist1d)
-come with ``pip install 'gradreg[book]'``.
+come with the ``book`` extra (``pip install "gradreg[book] @ git+https://github.com/gradreg/gradreg.git@main"``).
 """
 
 from __future__ import annotations

@@ -403,7 +403,8 @@ def test_grids_are_checked_before_the_first_run(monkeypatch, call):
 
 def test_the_flows_without_scipy_say_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.integrate", None)  # import scipy.integrate now raises ImportError
-    with pytest.raises(ImportError, match=r"gradreg.dln.gradient_flow needs .* pip install 'gradreg\[book\]'"):
+    hint = r"gradreg.dln.gradient_flow needs .* pip install scipy.* \"gradreg\[book\] @ git\+https://"
+    with pytest.raises(ImportError, match=hint):
         _flow()
     du, _, _ = _direction(method="central", gamma=0.1, eps=0.1)  # the direction is numpy only
     assert du.shape == (6,)

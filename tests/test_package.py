@@ -117,7 +117,8 @@ def test_training_needs_torch_and_numpy_only():
     )
     assert result["losses"][-1] < result["losses"][0]
     assert len(result["d"]) == 4 and result["book"] == []
-    assert "pip install 'gradreg[book]'" in result["message"] and "scipy" in result["message"]
+    assert "pip install scipy" in result["message"], result["message"]  # installable: PyPI names, or the git URL
+    assert f'"gradreg[book] @ git+https://github.com/gradreg/gradreg.git@v{gradreg.__version__}"' in result["message"]
 
 
 # ------------------------------------------------------------------------------------------------ packaging
