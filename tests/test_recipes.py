@@ -134,12 +134,6 @@ def test_accumulation_equals_the_large_batch(method):
 # The integrations' exact comparisons (γ = 0: the plain trainers; γ > 0: the plain gradreg loop) are in
 # tests/test_integrations.py; here the How-to page's examples run as shown.
 
-EPS_COLLISION = pytest.mark.xfail(
-    strict=True, reason="engine issue: GR reads Adam's eps (1e-8) as its finite-difference step, so AdamW + GR does "
-    "not train; remove this marker when GR's hyperparameters have their own namespace")
-
-
-@EPS_COLLISION
 def test_the_lightning_example_trains_in_bf16_with_adamw_and_accumulation():
     pytest.importorskip("lightning")
     lit = example("lightning_recipe")
@@ -173,7 +167,6 @@ def test_lightning_automatic_optimization_fails_with_gradregs_error():
 # ------------------------------------------------------------------------------------------------ Hugging Face
 
 
-@EPS_COLLISION
 def test_the_hf_example_trains_a_tiny_gpt2_in_bf16_with_the_default_optimizer(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
