@@ -7,8 +7,8 @@ Every row uses the same base optimizer (SGD, momentum 0.9, no weight decay) on t
   finite-difference GR step, which needs two gradients and nothing else;
 * ``forward`` (F-GR), ``backward`` (B-GR), ``central`` (three passes) and ``double`` (double backpropagation,
   reverse-over-reverse): :class:`gradreg.GR` with that ``method``;
-* ``usam`` (F-GR at γ = ε = ρ, unnormalized SAM) and ``sam`` (SAM: normalized, γ = ε = ρ): :class:`gradreg.GR`'s
-  presets, the configurations most users run;
+* ``usam`` (F-GR at γ = ε, the configured ε: unnormalized SAM) and ``sam`` (SAM: normalized, γ = ε = ρ):
+  :class:`gradreg.GR`'s presets, the configurations most users run;
 * ``plain-sam``: the textbook SAM step, written here as a reference for gradreg's: one pass for g, the ascent
   θ + ρ g/‖g‖ written into the parameters, a second pass there, the descent back to θ, the step (no dropout
   replay, no running-statistics guard, no rollback: what gradreg's ``sam`` row adds to it);
@@ -100,8 +100,10 @@ class Stepper:
         if method in METHODS:
             eps = None if method == "double" else config.eps
             self.optimizer = GR(self.base, gamma=config.gamma, eps=eps, method=method)
-        elif method in ("usam", "sam"):
-            self.optimizer = getattr(GR, method)(self.base, rho=config.rho)
+        elif method == "usam":  # F-GR at γ = ε: the configured ε, where the raw step is known to be small enough
+            self.optimizer = GR.usam(self.base, rho=config.eps)
+        elif method == "sam":
+            self.optimizer = GR.sam(self.base, rho=config.rho)
         x, y, loss_fn = workload.inputs, workload.targets, workload.loss_fn
         self.closure = lambda: loss_fn(self.model(x), y)
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
