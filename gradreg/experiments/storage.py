@@ -18,13 +18,14 @@ import contextlib
 import json
 import os
 import socket
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gradreg.runtime import atomic_write
 
 #: What to do with a bad stored file; every :class:`StoredFileError` message ends with it.
 #: An unreadable claim younger than this is taken to be in the middle of being written.
@@ -39,21 +40,6 @@ class StoredFileError(ValueError):
     def __init__(self, path: Path, problem: str):
         self.path = Path(path)
         super().__init__(f"{path}: {problem}; {REMEDY}")
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a fresh temporary file beside ``path``, flushed to disk, then moved onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
