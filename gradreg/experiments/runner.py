@@ -373,7 +373,12 @@ def _attempt(config: RunConfig, folder: Path, retrain_corrupt: bool, **train: An
     """The run's result (stored, or trained now under its claim), or a description of the live process that
     holds its claim."""
     path = folder / f"{config.run_id}.json"
-    record = _stored(path, retrain_corrupt=False) if path.exists() else None
+    try:
+        record = _stored(path, retrain_corrupt=False)
+    except StoredFileError:
+        if not retrain_corrupt:
+            raise
+        record = None  # deleted below, under the run's claim
     if record is not None:
         return record
     folder.mkdir(parents=True, exist_ok=True)
