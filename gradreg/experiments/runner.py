@@ -6,6 +6,12 @@ result when its JSON exists (nothing is retrained), and resumes from the checkpo
 checkpoint holds the model, the optimizer (momentum buffers and GR's settings), the learning-rate schedule and
 every random-number state (torch's, CUDA's, numpy's, Python's and the generator of the data order and the
 augmentation), so on a CPU a run that was interrupted and resumed is bit for bit the run that was not.
+
+Every file is written atomically and verified when read (:mod:`gradreg.experiments.storage`): results and
+checkpoints carry a schema version, the run id and the config (results also a checksum); a bad file raises
+:class:`~gradreg.experiments.storage.StoredFileError`, or is deleted and retrained with ``retrain_corrupt``. A
+process that trains a run holds ``<run_id>.claim``; another one leaves the run for later (:func:`sweep`) or waits
+for it (:func:`run`), so several processes can share a folder (``sweep(..., jobs=N)``).
 """
 
 from __future__ import annotations
@@ -316,7 +322,7 @@ def _stored(path: Path, retrain_corrupt: bool) -> RunRecord | None:
         if not retrain_corrupt:
             raise
         path.unlink(missing_ok=True)
-        _say(f"{exc.args[0].split('; delete')[0]}: deleted (--retrain-corrupt), training the run again")
+        _say(f"{exc.path}: {exc.problem}: deleted (--retrain-corrupt), training the run again")
     return None
 
 
@@ -336,7 +342,7 @@ def _resume(config: RunConfig, device: torch.device, download: bool, checkpoint:
         if not retrain_corrupt:
             raise
         checkpoint.unlink(missing_ok=True)
-        _say(f"{exc.args[0].split('; delete')[0]}: deleted (--retrain-corrupt), training from the start")
+        _say(f"{exc.path}: {exc.problem}: deleted (--retrain-corrupt), training from the start")
         return _Trainer(config, device, download), None
     return trainer, trainer.epoch
 

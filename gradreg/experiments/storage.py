@@ -38,7 +38,7 @@ class StoredFileError(ValueError):
     """A stored result or checkpoint that is corrupt, truncated, empty or belongs to another run."""
 
     def __init__(self, path: Path, problem: str):
-        self.path = Path(path)
+        self.path, self.problem = Path(path), problem
         super().__init__(f"{path}: {problem}; {REMEDY}")
 
 
