@@ -202,7 +202,7 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
-#: The format of a cache file: {"schema", "key", "result"}, the result encoded by :func:`_encode`.
+#: The version of the cache files' format (a dict of ``schema``, ``key`` and the encoded ``result``).
 CACHE_SCHEMA = 1
 
 

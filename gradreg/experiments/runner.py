@@ -92,7 +92,7 @@ class RunRecord:
     @classmethod
     def load(cls, path: str | Path) -> RunRecord:
         """Read and verify ``path``: a :class:`StoredFileError` naming the file if it is not a whole result of the
-        run its name says (see :func:`verified_record`)."""
+        run its name says (the checks of ``verified_record``)."""
         return verified_record(Path(path))
 
 
@@ -125,7 +125,7 @@ def verified_record(path: Path) -> RunRecord:
 
 
 def load_results(results: str | Path) -> list[RunRecord]:
-    """Every finished run in a results folder, sorted by run id, each verified (:func:`verified_record`)."""
+    """Every finished run in a results folder, sorted by run id, each verified as :meth:`RunRecord.load` does."""
     return [RunRecord.load(p) for p in sorted(Path(results).glob("*.json"))]
 
 
