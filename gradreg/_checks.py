@@ -112,3 +112,18 @@ def checked_groups(groups: Sequence[ParamGroup], method: str, perturbation: str,
     if not checked:
         raise ValueError("params: no parameter requires grad; nothing to regularize")
     return checked
+
+
+# ------------------------------------------------------------------ generic checks added for issue 24 (one block)
+
+
+def check_unique(params: Sequence[Tensor], name: str = "params") -> list[Tensor]:
+    """``params`` (a list) if no tensor appears twice in it; else a ValueError (a listed-twice parameter would be
+    updated twice, or count twice in a sum over parameters)."""
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(f"{name}: the tensor at position {i} appears twice (shape {tuple(p.shape)}); list every "
+                             "parameter once, e.g. [p for p in model.parameters()]")
+        seen.add(id(p))
+    return list(params)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 
-from gradreg._checks import check_int, check_real, trainable
+from gradreg._checks import check_int, check_real, check_unique, trainable
 from gradreg.engine import gr_grad
 from gradreg.hessian import hvp
 
@@ -100,7 +100,7 @@ def flooding_step(closure: Callable[[], Tensor], params: Iterable[Tensor], *, lr
     (:func:`gradreg.experiments.full_batch.full_batch_run`).
     """
     _check_closure(closure)
-    params = trainable(params)
+    params = check_unique(trainable(params))
     lr = check_real("lr", lr, positive=True)
     b = check_real("b (the flood level)", b)
     with torch.enable_grad():
@@ -243,7 +243,7 @@ def two_step_identity(
     only when both steps see the same loss. The parameters and their ``.grad`` are restored on return.
     """
     _check_closure(closure)
-    params = trainable(params)
+    params = check_unique(trainable(params))
     crossing = _check_crossing(crossing, params)
     lr = check_real("lr", lr, positive=True)
     saved, old_grads = flat(params), [p.grad for p in params]

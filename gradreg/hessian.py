@@ -24,7 +24,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from gradreg._checks import trainable
+from gradreg._checks import as_params, check_unique, trainable
 from gradreg.replay import Replay
 
 
@@ -39,9 +39,7 @@ def hvp(closure: Callable[[], Tensor], params: Sequence[Tensor], v: Sequence[Ten
     depend on get zeros. Evaluate in the mode you want to measure (see the module docstring): each call runs the
     closure once, so in training mode dropout draws new masks and BatchNorm updates its running statistics.
     """
-    params, v = _as_list(params), _as_list(v)
-    if len(params) != len(v):
-        raise ValueError(f"v must have one tensor per parameter: got {len(v)} for {len(params)} parameters")
+    params, v = _check_vectors(_as_list(params), _as_list(v))
     with torch.enable_grad():
         loss = closure()
         if not isinstance(loss, Tensor) or loss.ndim != 0:
@@ -53,6 +51,20 @@ def hvp(closure: Callable[[], Tensor], params: Sequence[Tensor], v: Sequence[Ten
         dot = sum((g * u).sum() for g, u in pairs)
         hv = torch.autograd.grad(dot, params, allow_unused=True)
     return [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hv, params)]
+
+
+def _check_vectors(params: list[Tensor], v: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Distinct parameters, and one vector per parameter with its exact shape, dtype and device (a broadcastable
+    shape would give a wrong product without an error)."""
+    params = check_unique(as_params(params), "params")
+    v = as_params(v, "v")
+    if len(params) != len(v):
+        raise ValueError(f"v must have one tensor per parameter: got {len(v)} for {len(params)} parameters")
+    for i, (p, u) in enumerate(zip(params, v)):
+        if u.shape != p.shape or u.dtype != p.dtype or u.device != p.device:
+            raise ValueError(f"v[{i}] must match parameter {i}: shape {tuple(p.shape)}, {p.dtype} on {p.device}; "
+                             f"got shape {tuple(u.shape)}, {u.dtype} on {u.device}")
+    return params, v
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,7 @@ def top_eigenvalue(
     ``.grad`` untouched), and the RNG is left as it was. ``iters`` ≥ 1, ``tol`` ≥ 0, and ``v0`` has one finite,
     not-all-zero tensor per parameter, shaped like it.
     """
-    params = trainable(_as_list(params))
+    params = check_unique(trainable(_as_list(params)))
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
     if isinstance(tol, bool) or not isinstance(tol, Real) or not tol >= 0 or not math.isfinite(tol):
@@ -128,6 +140,8 @@ def _power_iteration(closure: Callable[[], Tensor], replay: Replay, params: list
     """v_{k+1} = H v_k / ‖H v_k‖, λ_k = v_kᵀ H v_k, until abs(λ_k − λ_{k−1}) ≤ tol·abs(λ_k) or ``iters`` products."""
     value, previous, converged, k = math.nan, math.nan, False, 0
     for k in range(1, iters + 1):
+        if k > 1:
+            replay.begin_pass()  # replay.passes counts the iterations: error notes name the one that failed
         hv = hvp(closure, params, v)
         replay.end_pass()
         value = float(_dot(v, hv))

@@ -17,10 +17,14 @@ floating-point sums, so results differ in their last digits; what the chapters a
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import random
+import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,14 +186,109 @@ def package_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a fresh temporary file beside ``path`` (a name unique to this writer), flushed to disk,
+    then moved onto ``path`` with ``os.replace``: readers see the old file or the new one, never part of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+#: The version of the cache files' format (a dict of ``schema``, ``key`` and the encoded ``result``).
+CACHE_SCHEMA = 1
+
+
+def _encode(value: Any) -> Any:
+    """``value`` in the types ``torch.load(weights_only=True)`` reads: gradreg's dataclasses, tuples and numpy
+    arrays become tagged dicts; anything else that is not a tensor, number, string, list or dict is refused."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls = type(value)
+        if not cls.__module__.startswith("gradreg."):
+            raise TypeError(f"cached: cannot store a {cls.__qualname__} (only gradreg's dataclasses)")
+        fields = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(value.copy())}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, (str, int, float, bool)) or k is None for k in value):
+            raise TypeError("cached: dict keys must be strings or numbers")
+        return {k: _encode(v) for k, v in value.items()}
+    for kind in (bool, int, float, str):  # subclasses (torch.__version__'s TorchVersion) as the plain type
+        if isinstance(value, kind):
+            return kind(value)
+    if value is None or isinstance(value, (torch.Tensor, torch.dtype, torch.device)):
+        return value
+    raise TypeError(f"cached: cannot store a {type(value).__name__}: results must be tensors, numpy arrays, "
+                    "numbers, strings, lists, tuples, dicts or gradreg's dataclasses")
+
+
+def _decode(value: Any) -> Any:
+    """The inverse of :func:`_encode` (only classes of gradreg's own modules are rebuilt)."""
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tuple__" in value:
+        return tuple(_decode(v) for v in value["__tuple__"])
+    if "__ndarray__" in value:
+        return value["__ndarray__"].numpy()
+    if "__dataclass__" in value:
+        module, _, name = value["__dataclass__"].partition(":")
+        if not module.startswith("gradreg."):
+            raise ValueError(f"not a gradreg class: {value['__dataclass__']}")
+        import importlib
+
+        cls = importlib.import_module(module)
+        for part in name.split("."):
+            cls = getattr(cls, part)
+        fields = {k: _decode(v) for k, v in value["fields"].items()}
+        init = {f.name for f in dataclasses.fields(cls) if f.init}
+        made = cls(**{k: v for k, v in fields.items() if k in init})
+        for k, v in fields.items():
+            if k not in init:
+                object.__setattr__(made, k, v)
+        return made
+    return {k: _decode(v) for k, v in value.items()}
+
+
+def _read_cache(path: Path, key: str) -> tuple[bool, Any]:
+    """(True, result) for a whole cache file of ``key``; (False, None), with a warning naming the file, otherwise."""
+    try:
+        stored = torch.load(path, weights_only=True)
+        if not isinstance(stored, dict) or stored.get("schema") != CACHE_SCHEMA or stored.get("key") != key:
+            raise ValueError("not a cache file of this result (an older format, or renamed)")
+        return True, _decode(stored["result"])
+    except Exception as exc:  # unreadable, truncated, old pickles (weights_only refuses them): recompute
+        warnings.warn(f"gradreg.runtime.cached: {path} cannot be used ({type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); recomputing and "
+                      "overwriting it", stacklevel=3)
+        return False, None
+
+
 def cached(name: str, config: dict[str, Any], compute: Callable[[], T], *, enabled: bool | None = None) -> T:
     """Return ``compute()``, stored on disk under a key made of ``name``, ``config`` and the package's code.
 
     Caching is on in full-size mode only (``enabled=None``): fast runs take seconds, and recomputing them keeps
     CI honest.
     ``config`` must be JSON-serialisable and hold everything the result depends on besides gradreg's own code
-    (which :func:`package_fingerprint` covers); the result is saved with ``torch.save`` (tensors, arrays,
-    numbers, lists, dicts, dataclasses). Delete the cache directory (:func:`cache_dir`) to recompute.
+    (which :func:`package_fingerprint` covers); the result is saved with ``torch.save`` (tensors, numpy arrays,
+    numbers, strings, lists, tuples, dicts, gradreg's dataclasses) and read back with ``weights_only=True``, so
+    loading a cache file runs no code from it; a file that cannot be read (or is not this result's) is recomputed,
+    with a warning naming it. Delete the cache directory (:func:`cache_dir`) to recompute.
     """
     if not (full_size() if enabled is None else enabled):
         return compute()
@@ -197,10 +296,11 @@ def cached(name: str, config: dict[str, Any], compute: Callable[[], T], *, enabl
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / f"{name}-{digest}.pt"
     if path.exists():
-        return torch.load(path, weights_only=False)
+        found, result = _read_cache(path, key)
+        if found:
+            return result
     result = compute()
+    encoded = {"schema": CACHE_SCHEMA, "key": key, "result": _encode(result)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(result, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda file: torch.save(encoded, file))
     return result

@@ -416,3 +416,28 @@ def test_runs_pickle_under_their_public_name(data):
     again = pickle.loads(pickle.dumps(run))
     assert type(again) is dln.DLNRun and dln.DLNRun.__module__ == "gradreg.dln"
     np.testing.assert_array_equal(again.beta, run.beta)
+
+
+# ------------------------------------------------------------------ types numpy would convert (issue 24)
+
+
+@pytest.mark.parametrize(("call", "needle"), [
+    (lambda: dln.dln_init("0.1", 4), "alpha must be an array of real numbers (ints or floats), got strings"),
+    (lambda: dln.dln_init(True, 4), "alpha must be an array of real numbers (ints or floats), got booleans"),
+    (lambda: dln.dln_direction(np.ones(2), np.ones(2), np.ones((3, 2), dtype=bool), np.zeros(3)),
+     "X must be an array of real numbers (ints or floats), got booleans"),
+    (lambda: dln.dln_direction(["1", "2"], np.ones(2), np.ones((3, 2)), np.zeros(3)),
+     "u must be an array of real numbers (ints or floats), got strings"),
+    (lambda: dln.dln_direction(np.ones(2), np.ones(2), np.ones((3, 2)), "123"), "y must be an array of real"),
+])
+def test_strings_and_booleans_are_not_numbers(call, needle):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert needle in str(info.value)
+
+
+def test_integer_and_float_arrays_are_still_numbers():
+    u, v = dln.dln_init(np.float32(0.5), 2)
+    assert u.tolist() == [0.5, 0.5]
+    d_u, d_v, _ = dln.dln_direction(u, v, np.eye(2, dtype=int), [1, 0])
+    assert d_u.shape == (2,) and np.all(np.isfinite(d_u))

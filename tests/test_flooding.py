@@ -347,3 +347,15 @@ def test_two_step_identity_rejects_bad_input_before_any_work(flooding_run):
     with pytest.raises(TypeError, match="closure"):
         two_step_identity("loss", params, crossing, lr=0.5)
     assert calls == []
+
+
+def test_flooding_step_and_the_identity_refuse_a_parameter_listed_twice():
+    """[w, w] would take a double step."""
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    closure = lambda: (w ** 2).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="appears twice"):
+        flooding_step(closure, [w, w], lr=0.1, b=0.0)
+    assert w.tolist() == [1.0, -2.0]
+    crossing = gr.flooding.Crossing(0, "up", torch.zeros(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="appears twice"):
+        gr.flooding.two_step_identity(closure, [w, w], crossing, lr=0.1)

@@ -111,3 +111,45 @@ def test_top_eigenvalue_rejects_bad_input():
         top_eigenvalue(lambda: (theta**2).sum(), [theta], iters=0)
     with pytest.raises(ValueError, match="not all zero"):
         top_eigenvalue(lambda: (theta**2).sum(), [theta], v0=[torch.zeros(2, dtype=torch.float64)])
+
+
+# ------------------------------------------------------------------ argument checks (issue 24)
+
+
+def test_hvp_refuses_a_vector_of_a_broadcastable_but_wrong_shape_dtype_or_device():
+    w = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    f = lambda: (w ** 3).sum()  # noqa: E731
+    assert torch.allclose(hvp(f, [w], [torch.ones(3)])[0], 6 * w.detach())
+    for bad, needle in ((torch.ones(3, 1), r"shape \(3,\)"), (torch.ones(1), r"got shape \(1,\)"),
+                        (torch.ones(3, dtype=torch.float64), "torch.float64")):
+        with pytest.raises(ValueError, match=r"v\[0\] must match parameter 0") as info:
+            hvp(f, [w], [bad])
+        assert info.match(needle)
+    with pytest.raises(TypeError, match="v must contain Tensors only"):
+        hvp(f, [w], [[1.0, 1.0, 1.0]])
+
+
+def test_hvp_and_top_eigenvalue_refuse_a_parameter_listed_twice():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    f = lambda: (w ** 2).sum() + w[0] * w[1]  # noqa: E731  (eigenvalues 1 and 3)
+    assert top_eigenvalue(f, [w], iters=200, tol=1e-12).value == pytest.approx(3.0, rel=1e-6)
+    with pytest.raises(ValueError, match="appears twice"):
+        top_eigenvalue(f, [w, w])
+    with pytest.raises(ValueError, match="appears twice"):
+        hvp(f, [w, w], [torch.ones(2), torch.ones(2)])
+
+
+def test_top_eigenvalue_error_note_names_the_iteration_that_failed():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return (w ** 2).sum() + w[0] * w[1]
+
+    with pytest.raises(RuntimeError, match="boom") as info:
+        top_eigenvalue(closure, [w], iters=10, tol=0.0)
+    notes = " ".join(getattr(info.value, "__notes__", [])) or str(info.value)
+    assert "in power iteration 3;" in notes, notes

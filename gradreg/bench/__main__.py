@@ -1,8 +1,9 @@
 """``python -m gradreg.bench``: the benchmark's command line (see :mod:`gradreg.bench`).
 
-Every user error — an unknown method or model, an empty ``--methods``, a count below 1, a malformed
-``--input-shape``, a ``--json`` path that cannot be written (checked before the run) — is an argparse usage
-error: exit status 2 and a one-line message that names the argument, without a traceback.
+Every user error — an unknown method or model, a model function that is missing, fails or returns something
+else than an ``nn.Module``, an empty ``--methods``, a count below 1, a malformed ``--input-shape``, a device that
+is not there, a ``--json`` path that cannot be written (checked before the run) — is an argparse usage error:
+exit status 2 and a one-line message that names the argument, without a traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from gradreg._cli import dependency_warnings_hidden, device_arg
 from gradreg.bench.measure import BREAKDOWN_ROWS, benchmark, breakdown
 from gradreg.bench.report import BenchResult, Breakdown
 from gradreg.bench.steppers import ATTENTION, ROWS, StepConfig
-from gradreg.bench.workloads import check_model_name, is_custom
+from gradreg.bench.workloads import check_model_name, is_custom, load_custom_model
 
 
 def _integer(minimum: int) -> Callable[[str], int]:
@@ -65,16 +67,6 @@ def _shape(text: str) -> list[int]:
     return shape
 
 
-def _device(text: str) -> str:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here; use --device cpu")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gradreg.bench",
@@ -94,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seq-len", type=count, default=64, help="transformer sequence length (default 64)")
     add("--repeats", type=count, default=10, help="timed (or profiled) rounds (default 10)")
     add("--warmup", type=_integer(0), default=2, help="untimed rounds first (default 2)")
-    add("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add("--device", type=device_arg, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     add("--methods", type=_methods, default=None,
         help=f"comma-separated subset of {','.join(ROWS)} (default: all; with --breakdown: "
         f"{','.join(BREAKDOWN_ROWS)})")
@@ -119,6 +111,12 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             importlib.import_module(args.model.partition(":")[0])
         except ImportError as exc:
             parser.error(f"--model {args.model}: cannot import it ({exc}); is its folder on PYTHONPATH?")
+        try:
+            load_custom_model(args.model)
+        except (ValueError, TypeError) as exc:
+            parser.error(f"--model {args.model}: {exc}; give a function that returns an nn.Module")
+        except Exception as exc:  # the user's function failed: say so in one line
+            parser.error(f"--model {args.model}: calling it raised {type(exc).__name__}: {exc}")
     elif args.input_shape is not None or args.num_classes is not None:
         parser.error(f"--input-shape and --num-classes apply to a model of your own, not to --model {args.model}")
     if args.json is not None:
@@ -139,6 +137,12 @@ def _check_writable(parser: argparse.ArgumentParser, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> BenchResult | Breakdown:
+    """The command; warnings of dependencies (e.g. torch's FutureWarnings) are not shown."""
+    with dependency_warnings_hidden():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> BenchResult | Breakdown:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check(parser, args)

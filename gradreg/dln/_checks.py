@@ -23,11 +23,17 @@ SOLVERS: tuple[str, ...] = ("LSODA", "Radau", "BDF", "RK45", "RK23", "DOP853")
 
 
 def real_array(name: str, value: object) -> np.ndarray:
-    """``value`` as a float array, or a ValueError naming ``name``."""
+    """``value`` as a float array, or a ValueError naming ``name``. Only integers and floats are taken: numpy would
+    also turn strings (``"0.1"``) and booleans into floats."""
     try:
+        raw = np.asarray(value)
         array = np.asarray(value, dtype=float)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} must be an array of real numbers, got {type(value).__name__}") from exc
+    if raw.dtype.kind not in "iuf":
+        kind = {"b": "booleans", "U": "strings", "S": "bytes", "O": "objects", "c": "complex numbers"}
+        raise ValueError(f"{name} must be an array of real numbers (ints or floats), got "
+                         f"{kind.get(raw.dtype.kind, str(raw.dtype))} ({type(value).__name__} {value!r:.60})")
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} must be finite (no NaN or inf); it has {np.size(array) - np.isfinite(array).sum()} "
                          "non-finite entries")

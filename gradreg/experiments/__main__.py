@@ -8,12 +8,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
+from gradreg._cli import dependency_warnings_hidden, device_arg, first_duplicate
 from gradreg.experiments.config import ALGORITHMS, DATASETS, HYPERPARAMETERS, SCHEDULES, RunConfig, grid
 from gradreg.experiments.presets import PRESETS, preset
-from gradreg.experiments.runner import load_results, sweep
+from gradreg.experiments.runner import _dataset, load_results, sweep
+from gradreg.experiments.storage import StoredFileError
 from gradreg.experiments.summary import best, format_table, summarize
 
 MODEL_NAMES = ("mlp", "cnn1d", "resnet18")
@@ -51,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--augment", action=argparse.BooleanOptionalAction,
                        help="crops and flips (default: on for cifar10)")
     train.add_argument("--results", default="results", help="results folder (default: ./results)")
-    train.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
+    train.add_argument("--device", type=device_arg, help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
+    train.add_argument("--jobs", type=_positive, default=1,
+                       help="train in this many worker processes, each claiming runs in turn (default: 1)")
+    train.add_argument("--retrain-corrupt", action="store_true",
+                       help="delete a result or checkpoint that is corrupt or belongs to another run, and retrain")
     train.add_argument("--download", action="store_true", help="download CIFAR-10 with torchvision if missing")
     train.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -62,6 +71,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _results(parser: argparse.ArgumentParser, text: str, *, write: bool) -> Path:
+    """``--results`` checked: no regular file on the way; with ``write``, a folder that exists or can be made
+    and takes a file."""
+    path = Path(text)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            parser.error(f"--results {text}: {part} is a regular file, not a folder; give a folder")
+    if write:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            parser.error(f"--results {text}: cannot be written ({exc.strerror or exc}); give a folder you can write")
+    return path
+
+
+def _check_data(parser: argparse.ArgumentParser, configs: list[RunConfig], download: bool) -> None:
+    """Each data set loads, and holds the examples ``--train-size`` asks for."""
+    for name in sorted({c.dataset for c in configs}):
+        try:
+            size = len(_dataset(name, download).x)
+        except (FileNotFoundError, ImportError, OSError) as exc:
+            parser.error(f"--dataset {name}: {exc}")
+        wanted = max((c.train_size or 0 for c in configs if c.dataset == name), default=0)
+        if wanted > size:
+            parser.error(f"--train-size {wanted}: the {name} training set has {size} examples; give at most {size}")
+
+
 def _configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[RunConfig]:
     given = [f for f in GRID_FLAGS if getattr(args, f) not in (None, [])]
     if args.preset is not None:
@@ -70,6 +119,10 @@ def _configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[
         return preset(args.preset)
     common = {f: getattr(args, f) for f in GRID_FLAGS[6:] if getattr(args, f) is not None}
     methods = args.methods or ["sgd"]
+    for name in ("methods", "seeds", "gamma", "eps", "rho", "flood"):
+        twice = first_duplicate(getattr(args, name) or [])
+        if twice is not None:
+            parser.error(f"--{name}: {twice} is listed twice; give each value once")
     for name in ("gamma", "eps", "rho", "flood"):
         takers = [m for m, names in HYPERPARAMETERS.items() if name in names]
         if getattr(args, name) and not set(methods) & set(takers):
@@ -83,29 +136,45 @@ def _configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; warnings of dependencies (e.g. torch's FutureWarnings) are not shown."""
     parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "summary":
-        records = load_results(args.results)
-        if not records:
-            parser.error(f"--results {args.results}: no finished runs (*.json) there")
+    with dependency_warnings_hidden():
         try:
-            rows = summarize(records, args.metric)
-        except ValueError as exc:
-            parser.error(str(exc))
-        accuracy = args.metric.endswith("acc")
-        style = {} if accuracy else {"scale": 1.0, "unit": args.metric}
-        print(format_table(rows, **style))
-        print(f"\nbest setting per method ({'highest' if accuracy else 'lowest'} mean {args.metric}):")
-        print(format_table(best(rows, higher=accuracy).values(), **style))
-        return 0
+            return _main(parser, parser.parse_args(argv))
+        except StoredFileError as exc:  # a bad file, not a bad command: one line, exit status 1
+            parser.exit(1, f"{parser.prog}: error: {exc}\n")
+    raise AssertionError  # parser.exit exits
+
+
+def _summary(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    records = load_results(_results(parser, args.results, write=False))
+    if not records:
+        parser.error(f"--results {args.results}: no finished runs (*.json) there")
+    try:
+        rows = summarize(records, args.metric)
+    except ValueError as exc:
+        parser.error(str(exc))
+    accuracy = args.metric.endswith("acc")
+    style = {} if accuracy else {"scale": 1.0, "unit": args.metric}
+    print(format_table(rows, **style))
+    print(f"\nbest setting per method ({'highest' if accuracy else 'lowest'} mean {args.metric}):")
+    print(format_table(best(rows, higher=accuracy).values(), **style))
+    return 0
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "summary":
+        return _summary(parser, args)
     configs = _configs(args, parser)
     if args.dry_run:
         print("\n".join(c.run_id for c in configs))
         print(f"{len(configs)} runs")
         return 0
-    records = sweep(configs, args.results, show_progress=not args.no_progress, device=args.device,
-                    download=args.download, keep_checkpoint=args.keep_checkpoints)
+    folder = _results(parser, args.results, write=True)
+    _check_data(parser, configs, args.download)
+    records = sweep(configs, folder, show_progress=not args.no_progress, device=args.device, jobs=args.jobs,
+                    download=args.download, keep_checkpoint=args.keep_checkpoints,
+                    retrain_corrupt=args.retrain_corrupt)
     print(format_table(summarize(records)))
     return 0
 
