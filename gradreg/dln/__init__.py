@@ -19,7 +19,7 @@ per-sample variant), ``Gt_jk`` the same at the k-th finite-difference point ``th
 Methods use the project's vocabulary (:mod:`gradreg.methods`): ``"gd"`` is plain gradient descent/flow (the
 reference), and ``"double"``, ``"forward"``, ``"backward"``, ``"central"`` are the GR methods, the last three
 always with ``eps > 0``. Every public function checks its arguments before doing any work. The direction needs
-numpy only; the flows and the l1 interpolant need scipy (``pip install 'gradreg[book]'``).
+numpy only; the flows and the l1 interpolant need scipy (``pip install scipy``, or the ``[book]`` extra).
 
 The package's modules, in reading order: ``problem`` (the data), ``network`` (the model and its directions),
 ``theory`` (``Q_alpha`` and its minimizer), ``training`` (flows, GD, sweeps); all names are exported here.

@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="train in this many worker processes, each claiming runs in turn (default: 1)")
     train.add_argument("--retrain-corrupt", action="store_true",
                        help="delete a result or checkpoint that is corrupt or belongs to another run, and retrain")
-    train.add_argument("--download", action="store_true", help="download CIFAR-10 with torchvision if missing")
+    train.add_argument("--download", action="store_true",
+                       help="download CIFAR-10 (the standard tarball, SHA-256 checked) if missing")
     train.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--dry-run", action="store_true", help="list the runs and exit")
