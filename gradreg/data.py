@@ -157,7 +157,7 @@ def cifar10(root: str | Path | None = None, *, download: bool = False) -> Datase
     """CIFAR-10 (Krizhevsky 2009): 50 000 training and 10 000 test images, 3×32×32, normalized per channel.
 
     Reads ``root/cifar-10-batches-py/{data_batch_1..5, test_batch}`` (``root`` defaults to :func:`data_dir`).
-    Where the files are missing, ``download=True`` downloads :data:`CIFAR10_URL` into ``root`` (163 MB, progress
+    Where the files are missing, ``download=True`` downloads ``CIFAR10_URL`` into ``root`` (163 MB, progress
     on stderr, SHA-256 checked) and unpacks it; otherwise a :class:`FileNotFoundError` says where to put them.
     There is never a silent substitute.
     """

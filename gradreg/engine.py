@@ -17,7 +17,7 @@ For speed, every coefficient rides on a backward seed: pass 1 back-propagates (1
 (1 − cΣw)·g at once (F-GR with γ = ε: g is freed instead, one buffer less), and pass j back-propagates c·w_j·L,
 so its gradient accumulates into ``.grad`` already weighted (each seed saves one sweep over the parameters,
 measured 0.6 % of an F-GR step on the benchmark's depth-8 MLP). The seed may be negative (c > 1): the
-perturbation divides by it, sign included (:func:`gradreg._perturb.perturbed_point`). The perturbed point is one
+perturbation divides by it, sign included (``gradreg._perturb.perturbed_point``). The perturbed point is one
 buffer swapped in for θ, which is never written; row j's point is reached from row j − 1's. Groups with
 different c: .grad ← ((1 − c_kΣw)/c_k)·g, seeds w_j, then ×c_k. Finiteness is checked once, on d, which every
 pass's non-finite values reach; the failing pass is looked for only then. :mod:`gradreg.reference` computes the

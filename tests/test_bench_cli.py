@@ -69,7 +69,7 @@ def test_a_usage_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "python -m gradreg.bench: error: argument --methods: unknown method 'adam': choose from "
-        "sgd,two-passes,forward,backward,central,double,func-db")
+        "sgd,two-passes,forward,backward,central,double,usam,sam,plain-sam,func-db")
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -64,7 +64,7 @@ class GRLightningModule(L.LightningModule):
         log_loss: the name under which the loss at θ is logged once per step (``None``: not logged).
 
     ``configure_optimizers`` returns one base optimizer (and schedulers), as usual; the module wraps it in
-    :attr:`gr`. Schedulers with a ``monitor`` (ReduceLROnPlateau) are stepped at epoch end with that metric.
+    ``gr``. Schedulers with a ``monitor`` (ReduceLROnPlateau) are stepped at epoch end with that metric.
     ``on_before_backward``/``on_after_backward`` do not fire (GR back-propagates several times per step);
     ``on_before_optimizer_step`` fires once per step, with the unscaled, clipped GR direction in ``.grad``.
     """
