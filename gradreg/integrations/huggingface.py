@@ -52,8 +52,9 @@ class GRTrainer(transformers.Trainer):
     Args:
         gr_config: :class:`gradreg.GR`'s keyword arguments (``gamma``, ``eps``, ``method``, ...).
         args, kwargs: the ``Trainer``'s positional and keyword arguments. Give it a plain optimizer
-            (``optimizers=(opt, sched)`` or ``args.optim``), never a ``GR``: the Trainer calls ``optimizer.step()`` without a closure, so GR wraps
-            the Trainer's optimizer itself (the attribute ``gr``) and only fills ``.grad``.
+            (``optimizers=(opt, sched)`` or ``args.optim``), never a ``GR``: the Trainer calls ``optimizer.step()``
+            without a closure, so GR wraps the Trainer's optimizer itself (the attribute ``gr``) and only fills
+            ``.grad``.
 
     One process only (multi-GPU DDP, FSDP and DeepSpeed are refused: use ``GR(..., ddp=model)`` in a plain loop).
     """
