@@ -148,3 +148,19 @@ def test_a_writable_json_path_is_left_as_it_was(tmp_path, monkeypatch):
         with pytest.raises(Stop):
             main(["--json", str(path)])
     assert not new.exists() and old.read_text() == "keep"
+
+
+@pytest.mark.parametrize("flag", ["--gamma", "--eps", "--rho"])
+@pytest.mark.parametrize("value", ["0", "-0.1", "nan", "x"])
+def test_gamma_eps_rho_must_be_positive_numbers(flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([flag, value])
+    assert info.value.code == 2 and f"argument {flag}: must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_gamma_eps_rho_reach_the_steps():
+    """F-GR at γ = ε (c = 1), as users run it: the flags reach every row's configuration."""
+    result = main(["--depth", "2", "--width", "8", "--batch-size", "4", "--methods", "forward,sam",
+                         "--repeats", "1", "--warmup", "0", "--no-memory", "--no-flops", "--no-progress",
+                         "--gamma", "0.1", "--eps", "0.1", "--rho", "0.2"])
+    assert (result.config["gamma"], result.config["eps"], result.config["rho"]) == (0.1, 0.1, 0.2)

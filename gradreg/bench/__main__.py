@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from gradreg._cli import dependency_warnings_hidden, device_arg
 from gradreg.bench.measure import BREAKDOWN_ROWS, benchmark, breakdown
 from gradreg.bench.report import BenchResult, Breakdown
-from gradreg.bench.steppers import ATTENTION, ROWS, StepConfig
+from gradreg.bench.steppers import ATTENTION, DEFAULT_STEP, ROWS, StepConfig
 from gradreg.bench.workloads import check_model_name, is_custom, load_custom_model
 
 
@@ -35,6 +36,16 @@ def _integer(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
 
 
 def _methods(text: str) -> list[str]:
@@ -90,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--methods", type=_methods, default=None,
         help=f"comma-separated subset of {','.join(ROWS)} (default: all; with --breakdown: "
         f"{','.join(BREAKDOWN_ROWS)})")
+    add("--gamma", type=_positive, default=DEFAULT_STEP.gamma,
+        help=f"GR strength γ of the GR rows (default {DEFAULT_STEP.gamma}; with --eps: c = γ/ε, 1 for F-GR at γ = ε)")
+    add("--eps", type=_positive, default=DEFAULT_STEP.eps,
+        help=f"finite-difference step ε of the GR rows and of usam (F-GR at γ = ε) (default {DEFAULT_STEP.eps})")
+    add("--rho", type=_positive, default=DEFAULT_STEP.rho, help=f"ρ of the sam rows (default {DEFAULT_STEP.rho})")
     add("--attention", choices=ATTENTION, default="default",
         help="'math' forces the unfused attention kernel (which has a double backward)")
     add("--threads", type=count, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -154,14 +170,15 @@ def _main(argv: Sequence[str] | None) -> BenchResult | Breakdown:
     if args.breakdown:
         result = breakdown(
             args.model, methods=args.methods or BREAKDOWN_ROWS, rounds=args.repeats, warmup=args.warmup,
-            device=args.device, config=StepConfig(attention=args.attention), progress=not args.no_progress,
+            device=args.device, progress=not args.no_progress,
+            config=StepConfig(gamma=args.gamma, eps=args.eps, rho=args.rho, attention=args.attention),
             **workload,
         )
     else:
         result = benchmark(
             args.model, device=args.device, methods=args.methods or ROWS, repeats=args.repeats, warmup=args.warmup,
-            memory=not args.no_memory, flops=not args.no_flops, attention=args.attention,
-            progress=not args.no_progress, **workload,
+            memory=not args.no_memory, flops=not args.no_flops, attention=args.attention, gamma=args.gamma,
+            eps=args.eps, rho=args.rho, progress=not args.no_progress, **workload,
         )
     print(result.table())
     if args.json:

@@ -152,7 +152,8 @@ def benchmark(
     seq_len: int = 64, d_model: int = 128, device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32, methods: Sequence[str] = ROWS, repeats: int = 10, warmup: int = 2,
     memory: bool = True, flops: bool = True, attention: str = DEFAULT_STEP.attention,
-    gamma: float = DEFAULT_STEP.gamma, eps: float = DEFAULT_STEP.eps, lr: float = DEFAULT_STEP.lr,
+    gamma: float = DEFAULT_STEP.gamma, eps: float = DEFAULT_STEP.eps, rho: float = DEFAULT_STEP.rho,
+    lr: float = DEFAULT_STEP.lr,
     momentum: float = DEFAULT_STEP.momentum, seed: int = 0, input_shape: Sequence[int] | None = None,
     num_classes: int = 10, progress: bool | None = None,
 ) -> BenchResult:
@@ -163,7 +164,7 @@ def benchmark(
     that fails is recorded with its error. ``progress`` shows a tqdm bar (``None``: only in full-size mode, see
     :func:`gradreg.runtime.progress`).
     """
-    config = StepConfig(gamma=gamma, eps=eps, lr=lr, momentum=momentum, attention=attention)
+    config = StepConfig(gamma=gamma, eps=eps, rho=rho, lr=lr, momentum=momentum, attention=attention)
     methods = check_rows(methods)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -185,7 +186,8 @@ def _run_config(workload: Workload, device: torch.device, methods: list[str], re
         "model": workload.name, "batch_size": len(workload.inputs),
         "dtype": str(workload.inputs.dtype).removeprefix("torch."), **workload.config,
         "parameters": workload.parameter_count, "methods": methods, "repeats": repeats, "warmup": warmup,
-        "attention": config.attention, "gamma": config.gamma, "eps": config.eps, "lr": config.lr,
+        "attention": config.attention, "gamma": config.gamma, "eps": config.eps, "rho": config.rho,
+        "lr": config.lr,
         "momentum": config.momentum, "seed": seed, "device": str(device),
     }
 
