@@ -163,14 +163,6 @@ def perturb(shards: list[Tensor], params: list[Tensor], groups: list[ParamGroup]
             shard.addcdiv_(step, norm, value=sign * direction_sign * e)
 
 
-def _grads(params: list[Tensor], had_grad: Sequence[bool]) -> None:
-    """Zeros where a pass gave a gradient but the last one left ``.grad`` None; a parameter no pass reached keeps
-    ``.grad = None``, as after a plain backward (the base optimizer skips it)."""
-    for p, had in zip(params, had_grad):
-        if p.grad is None and had:
-            p.grad = torch.zeros_like(p)
-
-
 def _locals(tensors: list[Tensor]) -> list[Tensor]:
     return [t.to_local() for t in tensors]
 
@@ -178,6 +170,7 @@ def _locals(tensors: list[Tensor]) -> list[Tensor]:
 def _stencil(groups: list[ParamGroup], replay: ShardedReplay, perturbation: str, eta: float, method: str,
              buffer: dict[Tensor, Tensor], group: dist.ProcessGroup) -> tuple[list[Tensor], list[Tensor]]:
     """d = (1 − cΣw) g + c Σ_j w_j ∇L(θ + s_j δ) into the sharded ``.grad``; the losses and g's finiteness."""
+    from gradreg.engine import _collect
     params, stencil = replay.params, STENCILS[method]
     active, c, weight_g, shared, seed = coefficients(groups, method)  # pass 1 writes seed·g into .grad
     losses = [replay.run_pass(params, seed)]
@@ -214,7 +207,7 @@ def _stencil(groups: list[ParamGroup], replay: ShardedReplay, perturbation: str,
             torch._foreach_mul_(_locals([p.grad for p in g.params if p.grad is not None]), c_k)
         for p, grad in zip(idle, at_theta):
             p.grad = grad
-    _grads(params, had_grad)
+    _collect(params, had_grad)  # None only where no pass gave a gradient, as in the single-process engine
     return losses, g_flags
 
 

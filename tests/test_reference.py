@@ -67,8 +67,8 @@ def closures(model: nn.Module, micro: int, dtype: torch.dtype, n: int = 12) -> l
 
 
 def base_optimizer(cls: type, groups: list[list[torch.Tensor]]) -> torch.optim.Optimizer:
-    """``cls`` on ``groups`` with its defaults (Muon takes matrices only: the rest go to an extra AdamW-free
-    group it never sees, so those tests use matrix-only groups)."""
+    """``cls`` on ``groups`` with its defaults and lr 0.01 where it takes one (Muon takes matrices only: the callers
+    give it matrix-only groups)."""
     kwargs = {"lr": 0.01} if "lr" in inspect.signature(cls).parameters else {}
     return cls([{"params": ps} for ps in groups], **kwargs)
 
